@@ -1,0 +1,189 @@
+"""Building blocks of the decoder: RMSNorm, RoPE, the Dense factory, attention, MLP.
+
+Einsum letters used across ``fcp_jax.models``:
+
+  B  batch              T  query length          S  key/value (cache) length
+  D  embed dim (model)  F  MLP hidden dim        V  vocabulary
+  N  query heads        K  key/value heads       G  query heads per K head (N = K*G)
+  H  head dim           L  layers
+
+Every projection goes through ``dense(cfg, kind, ...)``: it returns the float ``Dense``
+or, when the config quantizes that ``kind`` of layer, ``ternary.TernaryDense``. Both keep
+``nn.Dense``'s parameter names (``kernel`` [in, out], ``bias``) and take the ternary blend
+``qlambda`` as a call argument (ignored by the float layer).
+"""
+
+import math
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+# Projection kinds a config can select for quantization.
+DENSE_KINDS = ("q", "k", "v", "o", "gate", "up", "down", "head")
+NEG_INF = -1e30  # Finite, so fully masked rows (padding queries) give no NaN.
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm with a learned gain ``scale`` [D]; computes in float32."""
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+        (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_frequencies(head_dim: int, base: float, scaling: Tuple = ()) -> Array:
+  """Inverse frequencies [H/2]; ``scaling=("llama3", factor, low, high, orig_len)``."""
+  inv = 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if scaling:
+    kind, factor, low, high, orig = scaling
+    if kind != "llama3":
+      raise ValueError(f"Unknown rope_scaling {kind!r}; supported: 'llama3'.")
+    wavelen = 2 * math.pi / inv
+    low_wl, high_wl = orig / low, orig / high
+    smooth = (orig / wavelen - low) / (high - low)
+    scaled = jnp.where(wavelen > low_wl, inv / factor, inv)
+    mid = (1 - smooth) * inv / factor + smooth * inv
+    inv = jnp.where((wavelen <= low_wl) & (wavelen >= high_wl), mid, scaled)
+  return inv
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array, style: str) -> Array:
+  """Rotates ``x`` [B, T, N, H] by ``positions`` [B, T].
+
+  ``style="half"`` rotates the two halves of each head (Hugging Face Llama/Qwen2);
+  ``style="interleaved"`` rotates adjacent pairs (GPT-J, llama.cpp's GGUF layout).
+  """
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  if style == "half":
+    x1, x2 = jnp.split(x32, 2, axis=-1)  # [B, T, N, H/2] each
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  elif style == "interleaved":
+    x1, x2 = x32[..., 0::2], x32[..., 1::2]  # [B, T, N, H/2] each
+    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    out = out.reshape(x.shape)
+  else:
+    raise ValueError(f"Unknown rope_style {style!r}; use 'half' or 'interleaved'.")
+  return out.astype(x.dtype)
+
+
+class Dense(nn.Module):
+  """Float linear layer ``y = x @ kernel (+ bias)`` with logical axis names."""
+  features: int
+  kernel_axes: Tuple[str, str]
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: Array, qlambda: Optional[Array] = None) -> Array:
+    del qlambda  # Float layer: nothing to blend.
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
+            self.kernel_axes), (x.shape[-1], self.features), self.param_dtype)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
+                precision=self.precision)  # [..., out]
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, self.kernel_axes[1:]), (self.features,),
+                        self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def dense(cfg, kind: str, features: int, axes: Tuple[str, str], *,
+          use_bias: bool = False, name: Optional[str] = None) -> nn.Module:
+  """The one factory for every projection of the model.
+
+  Returns ``ternary.TernaryDense`` when ``cfg.weight_quant`` is not ``"none"`` and
+  ``kind`` is in ``cfg.quant_layers``; otherwise the float ``Dense``.
+  """
+  if kind not in DENSE_KINDS:
+    raise ValueError(f"Unknown dense kind {kind!r}; expected one of {DENSE_KINDS}.")
+  common = dict(features=features, kernel_axes=axes, use_bias=use_bias,
+                dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, name=name)
+  if cfg.quantizes(kind):
+    from fcp_jax.models import ternary  # pylint: disable=g-import-not-at-top
+    return ternary.TernaryDense(**common, **ternary.layer_options(cfg, kind))
+  return Dense(**common)
+
+
+class Attention(nn.Module):
+  """Grouped-query attention with RoPE and an explicit per-layer KV cache."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, mask: Array,
+               layer_cache: Optional[dict], cache_index: Optional[Array],
+               qlambda: Array) -> Tuple[Array, Optional[dict]]:
+    cfg = self.cfg
+    b, t, _ = x.shape
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = dense(cfg, "q", n * h, ("embed", "heads"), use_bias=cfg.qkv_bias,
+              name="q_proj")(x, qlambda).reshape(b, t, n, h)  # [B, T, N, H]
+    kk = dense(cfg, "k", k * h, ("embed", "kv_heads"), use_bias=cfg.qkv_bias,
+               name="k_proj")(x, qlambda).reshape(b, t, k, h)  # [B, T, K, H]
+    v = dense(cfg, "v", k * h, ("embed", "kv_heads"), use_bias=cfg.qkv_bias,
+              name="v_proj")(x, qlambda).reshape(b, t, k, h)  # [B, T, K, H]
+    inv_freq = rope_frequencies(h, cfg.rope_base, cfg.rope_scaling)
+    q = apply_rope(q, positions, inv_freq, cfg.rope_style)
+    kk = apply_rope(kk, positions, inv_freq, cfg.rope_style)
+
+    if layer_cache is not None:  # Write this chunk at cache_index, attend to all S.
+      zero = jnp.zeros((), jnp.int32)
+      start = (zero, cache_index, zero, zero)
+      kk = jax.lax.dynamic_update_slice(layer_cache["k"], kk.astype(
+          layer_cache["k"].dtype), start)  # [B, S, K, H]
+      v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(
+          layer_cache["v"].dtype), start)  # [B, S, K, H]
+      layer_cache = {"k": kk, "v": v}
+
+    q = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, kk.astype(q.dtype),
+                        preferred_element_type=jnp.float32) / math.sqrt(h)
+    logits = jnp.where(mask[:, None, None], logits, NEG_INF)  # [B, K, G, T, S]
+    probs = jax.nn.softmax(logits, axis=-1).astype(cfg.jnp_dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(probs.dtype))
+    out = out.reshape(b, t, n * h)  # [B, T, N*H]
+    out = dense(cfg, "o", cfg.embed_dim, ("heads", "embed"), name="o_proj")(out, qlambda)
+    return out, layer_cache
+
+
+def _relu2(x):
+  return jnp.square(jax.nn.relu(x))
+
+
+MLP_ACTIVATIONS = {"swiglu": jax.nn.silu, "geglu": jax.nn.gelu, "relu2": _relu2}
+
+
+class MLP(nn.Module):
+  """Gated MLP: ``down(act(gate(x)) * up(x))``; ``relu2`` is BitNet's squared ReLU."""
+  cfg: Any
+
+  @nn.compact
+  def __call__(self, x: Array, qlambda: Array) -> Array:
+    cfg = self.cfg
+    if cfg.mlp_activation not in MLP_ACTIVATIONS:
+      raise ValueError(f"Unknown mlp_activation {cfg.mlp_activation!r}; "
+                       f"options: {sorted(MLP_ACTIVATIONS)}.")
+    act = MLP_ACTIVATIONS[cfg.mlp_activation]
+    gate = dense(cfg, "gate", cfg.mlp_dim, ("embed", "mlp"), name="gate_proj")(x, qlambda)
+    up = dense(cfg, "up", cfg.mlp_dim, ("embed", "mlp"), name="up_proj")(x, qlambda)
+    hidden = nn.with_logical_constraint(act(gate) * up, ("batch", "length", "mlp"))
+    return dense(cfg, "down", cfg.embed_dim, ("mlp", "embed"),
+                 name="down_proj")(hidden, qlambda)  # [B, T, D]

@@ -1,0 +1,270 @@
+"""Decoder-only transformer (Llama / Qwen2 / SmolLM2 family) with an explicit KV cache.
+
+    model = Transformer(get_variant("tiny"))
+    params = model.init(rng, tokens, positions)["params"]
+    logits, _ = model.apply({"params": params}, tokens, positions)          # training
+    cache = init_cache(cfg, batch, max_len)
+    logits, cache = model.apply({"params": params}, tokens, positions,
+                                cache=cache)                                 # decoding
+
+The cache is a plain pytree passed in and returned (no mutable collection):
+
+    {"k": [L, B, S, K, H], "v": [L, B, S, K, H],
+     "segment_ids": [B, S] int32 (0 = empty slot or padding), "index": [] int32}
+
+Tokens written at cache slot ``s`` attend to slots ``<= s`` of their segment. RoPE uses the
+explicit ``positions``, so a left-padded row (positions starting at 0 on its first real
+token, padding marked by segment id 0) computes exactly what the unpadded row does.
+
+``qlambda`` (the ternary blend, see ``models/ternary.py``) is a traced scalar or a [L]
+vector (one value per layer, for layer-wise warm-up), so schedules never recompile.
+"""
+
+import dataclasses
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fcp_jax.models import layers
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Shape and numerics of a decoder. Frozen and hashable: a Linen attribute."""
+  vocab_size: int
+  num_layers: int
+  embed_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  mlp_activation: str = "swiglu"     # swiglu | geglu | relu2
+  rope_base: float = 10_000.0
+  rope_style: str = "half"           # half (HF) | interleaved (GPT-J / GGUF)
+  rope_scaling: Tuple = ()           # () or ("llama3", factor, low, high, orig_len)
+  norm_eps: float = 1e-6
+  qkv_bias: bool = False             # Qwen2
+  tie_embeddings: bool = True
+  dtype: str = "float32"             # compute dtype
+  param_dtype: str = "float32"
+  scan_layers: bool = False
+  remat: str = "none"                # none | full | dots | dots_no_batch
+  embed_init_std: float = 0.02
+  # Ternary quantization-aware training (models/ternary.py).
+  weight_quant: str = "none"         # registry string, e.g. "absmean"
+  act_quant: str = "none"            # registry string, e.g. "absmax_int8"
+  quant_layers: Tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+  extra_rmsnorm: bool = False        # RMSNorm at the input of every quantized linear
+  subln: bool = False                # BitNet SubLN: RMSNorm before o_proj and down_proj
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}.")
+    bad = set(self.quant_layers) - set(layers.DENSE_KINDS)
+    if bad:
+      raise ValueError(f"quant_layers has unknown kinds {sorted(bad)}; "
+                       f"valid: {layers.DENSE_KINDS}.")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"Unknown remat {self.remat!r}; options: {sorted(REMAT_POLICIES)}.")
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def jnp_param_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def quantizes(self, kind: str) -> bool:
+    return self.weight_quant != "none" and kind in self.quant_layers
+
+  def replace(self, **kw) -> "TransformerConfig":
+    unknown = set(kw) - {f.name for f in dataclasses.fields(self)}
+    if unknown:
+      import difflib  # pylint: disable=g-import-not-at-top
+      names = [f.name for f in dataclasses.fields(self)]
+      hints = {u: difflib.get_close_matches(u, names, n=3) for u in unknown}
+      raise KeyError(f"Unknown model config fields {sorted(unknown)} "
+                     f"(nearest: {hints}).")
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+    return dataclasses.replace(self, **kw)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+_LLAMA = dict(mlp_activation="swiglu", rope_style="half")
+VARIANTS = {
+    # For tests: a few thousand parameters, compiles in seconds.
+    "tiny": TransformerConfig(vocab_size=128, num_layers=2, embed_dim=32, num_heads=4,
+                              num_kv_heads=2, head_dim=8, mlp_dim=64, **_LLAMA),
+    # CPU experiments with the character tokenizer: about 3.2M parameters.
+    "small": TransformerConfig(vocab_size=128, num_layers=4, embed_dim=256, num_heads=4,
+                               num_kv_heads=2, head_dim=64, mlp_dim=768, **_LLAMA),
+    "smollm2-135m": TransformerConfig(
+        vocab_size=49152, num_layers=30, embed_dim=576, num_heads=9, num_kv_heads=3,
+        head_dim=64, mlp_dim=1536, rope_base=100_000.0, norm_eps=1e-5, **_LLAMA),
+    "qwen2.5-0.5b": TransformerConfig(
+        vocab_size=151936, num_layers=24, embed_dim=896, num_heads=14, num_kv_heads=2,
+        head_dim=64, mlp_dim=4864, rope_base=1_000_000.0, qkv_bias=True, **_LLAMA),
+    "llama-3.2-1b": TransformerConfig(
+        vocab_size=128256, num_layers=16, embed_dim=2048, num_heads=32, num_kv_heads=8,
+        head_dim=64, mlp_dim=8192, rope_base=500_000.0, norm_eps=1e-5,
+        rope_scaling=("llama3", 32.0, 1.0, 4.0, 8192), **_LLAMA),
+    # ~1B ternary-from-scratch shape (BitNet style: ReLU², SubLN, untied head).
+    "1b": TransformerConfig(
+        vocab_size=128256, num_layers=24, embed_dim=2048, num_heads=32, num_kv_heads=8,
+        head_dim=64, mlp_dim=5632, mlp_activation="relu2", rope_base=500_000.0,
+        tie_embeddings=False, subln=True, scan_layers=True, remat="dots",
+        dtype="bfloat16"),
+    # ~7B (Qwen2.5-7B shape, the FCP paper's base model).
+    "7b": TransformerConfig(
+        vocab_size=152064, num_layers=28, embed_dim=3584, num_heads=28, num_kv_heads=4,
+        head_dim=128, mlp_dim=18944, rope_base=1_000_000.0, qkv_bias=True,
+        tie_embeddings=False, scan_layers=True, remat="dots", dtype="bfloat16",
+        **_LLAMA),
+}
+
+
+def get_variant(name: str, **overrides) -> TransformerConfig:
+  """Returns ``VARIANTS[name]`` with ``overrides`` applied (unknown fields raise)."""
+  if name not in VARIANTS:
+    raise KeyError(f"Unknown model variant {name!r}; options: {sorted(VARIANTS)}.")
+  return VARIANTS[name].replace(**overrides)
+
+
+def from_config(model_config) -> TransformerConfig:
+  """Builds a config from an experiment's ``config.model`` section.
+
+  The section holds ``variant`` plus any ``TransformerConfig`` fields to override, e.g.
+  ``ConfigDict(dict(variant="small", weight_quant="absmean", scan_layers=True))``.
+  """
+  fields = dict(model_config)
+  return get_variant(fields.pop("variant"), **fields)
+
+
+def init_cache(cfg: TransformerConfig, batch: int, max_len: int,
+               dtype: Optional[Any] = None) -> dict:
+  """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens."""
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),  # [L, B, S, K, H]
+          "segment_ids": jnp.zeros((batch, max_len), jnp.int32),        # [B, S]
+          "index": jnp.zeros((), jnp.int32)}
+
+
+def attention_mask(segment_ids: Array, kv_segment_ids: Array,
+                   q_slots: Array, kv_slots: Array) -> Array:
+  """[B, T, S] bool: causal by slot, same segment, key not padding."""
+  causal = kv_slots[None, None, :] <= q_slots[None, :, None]                 # [1, T, S]
+  same = segment_ids[:, :, None] == kv_segment_ids[:, None, :]               # [B, T, S]
+  return causal & same & (kv_segment_ids[:, None, :] != 0)
+
+
+class Block(nn.Module):
+  """Pre-norm decoder layer: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array, layer_cache: Optional[dict], qlambda: Array,
+               positions: Array, mask: Array, cache_index: Optional[Array]):
+    cfg = self.cfg
+    norm = lambda name: layers.RMSNorm(cfg.norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype,
+                                       name=name)
+    h, layer_cache = layers.Attention(cfg, name="attn")(
+        norm("attn_norm")(x), positions, mask, layer_cache, cache_index, qlambda)
+    x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
+    x = x + layers.MLP(cfg, name="mlp")(norm("mlp_norm")(x), qlambda)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, layer_cache
+
+
+class Transformer(nn.Module):
+  """The decoder. ``__call__`` returns ``(logits [B, T, V] float32, cache)``."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens: Array, positions: Optional[Array] = None,
+               segment_ids: Optional[Array] = None, cache: Optional[dict] = None,
+               qlambda: Optional[Array] = None, return_hidden: bool = False):
+    cfg = self.cfg
+    b, t = tokens.shape
+    start = cache["index"] if cache is not None else jnp.zeros((), jnp.int32)
+    if positions is None:
+      positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)
+    qlambda = jnp.broadcast_to(
+        jnp.asarray(1.0 if qlambda is None else qlambda, jnp.float32), (cfg.num_layers,))
+
+    q_slots = start + jnp.arange(t, dtype=jnp.int32)                          # [T]
+    if cache is None:
+      mask = attention_mask(segment_ids, segment_ids, q_slots, q_slots)      # [B, T, T]
+      kv_cache = None
+    else:
+      kv_segments = jax.lax.dynamic_update_slice(
+          cache["segment_ids"], segment_ids.astype(jnp.int32), (0, start))   # [B, S]
+      kv_slots = jnp.arange(kv_segments.shape[1], dtype=jnp.int32)           # [S]
+      mask = attention_mask(segment_ids, kv_segments, q_slots, kv_slots)     # [B, T, S]
+      kv_cache = {"k": cache["k"], "v": cache["v"]}
+
+    embed = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=cfg.jnp_dtype,
+                     param_dtype=cfg.jnp_param_dtype,
+                     embedding_init=nn.with_logical_partitioning(
+                         nn.initializers.normal(cfg.embed_init_std), ("vocab", "embed")),
+                     name="embed")
+    x = embed(tokens)  # [B, T, D]
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      x, kv_cache = nn.scan(
+          block, variable_axes={"params": 0, "intermediates": 0},
+          split_rngs={"params": True}, length=cfg.num_layers,
+          in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, name="layers")(x, kv_cache, qlambda, positions, mask, start)
+    else:
+      new_k, new_v = [], []
+      for i in range(cfg.num_layers):
+        layer_cache = None if kv_cache is None else jax.tree.map(lambda c: c[i], kv_cache)
+        x, layer_cache = block(cfg, name=f"layers_{i}")(
+            x, layer_cache, qlambda[i], positions, mask, start)
+        if layer_cache is not None:
+          new_k.append(layer_cache["k"])
+          new_v.append(layer_cache["v"])
+      if kv_cache is not None:
+        kv_cache = {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+
+    x = layers.RMSNorm(cfg.norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype,
+                       name="final_norm")(x)
+    if return_hidden:
+      hidden = x
+    if cfg.tie_embeddings:
+      logits = embed.attend(x.astype(cfg.jnp_dtype))  # [B, T, V]
+    else:
+      logits = layers.dense(cfg, "head", cfg.vocab_size, ("embed", "vocab"),
+                            name="lm_head")(x, qlambda[-1])  # [B, T, V]
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32),
+                                        ("batch", "length", "vocab"))
+    new_cache = None
+    if cache is not None:
+      new_cache = {**kv_cache, "segment_ids": kv_segments, "index": start + t}
+    if return_hidden:
+      return logits, new_cache, hidden
+    return logits, new_cache
+
+
+def count_params(params) -> int:
+  return sum(int(p.size) for p in jax.tree.leaves(params))

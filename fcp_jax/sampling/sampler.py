@@ -1,0 +1,232 @@
+"""Batched sampling with an explicit KV cache: one prefill, one jitted ``while_loop``.
+
+    sampler = Sampler(Transformer(cfg), tokenizer)
+    out = sampler.sample(params, ["What is 2+3?"], rng, max_new_tokens=32,
+                         method="top_p(p=0.95, t=1.0)", num_samples=4)
+    out.tokens    # [B*n, N] generated ids (pad after the end token)
+    out.lengths   # [B*n] generated tokens including the end token
+    out.logprobs  # [B*n, N] log pi(token) under the model's own distribution (T=1)
+    out.text      # decoded responses without the end token
+
+Prompts (token lists or strings) are left-padded to a bucketed length; padding has
+segment id 0 and each row's positions start at 0 on its first real token, so a batch
+samples exactly what each prompt alone would. The prompt is prefilled once and its
+cache repeated ``num_samples`` times (rows ``i*n .. i*n+n-1`` belong to prompt ``i``).
+Decoding is a ``lax.while_loop`` that stops when every row has emitted an end token;
+its state, cache included, is donated to the decode call.
+
+Logits of ids at or beyond ``valid_vocab`` (the tokenizer's size when the model's
+vocabulary is padded) are masked out, so such ids are never sampled.
+
+Sampling methods are registry strings (``SAMPLING_METHODS``): ``greedy``,
+``temperature(t=...)``, ``top_k(k=..., t=...)``, ``top_p(p=..., t=...)``.
+"""
+
+import dataclasses
+from typing import Callable, List, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fcp_jax import registry
+from fcp_jax.models import transformer as transformer_lib
+
+Array = jax.Array
+SAMPLING_METHODS = registry.Registry("sampling method")
+_NEG = -1e30
+
+
+def top_k_logits(logits: Array, k: int) -> Array:
+  """Keeps the ``k`` largest logits of each row [B, V]; the rest become -inf-like."""
+  kth = jax.lax.top_k(logits, k)[0][..., -1:]  # [B, 1]
+  return jnp.where(logits < kth, _NEG, logits)
+
+
+def top_p_logits(logits: Array, p: float) -> Array:
+  """Keeps the smallest set of tokens whose probability mass reaches ``p`` (nucleus)."""
+  sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]  # [B, V] descending
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly larger tokens
+  keep = mass_before < p  # The top token is always kept (mass_before = 0).
+  threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits < threshold, _NEG, logits)
+
+
+@SAMPLING_METHODS.register("greedy")
+def greedy() -> Callable[[Array, Array], Array]:
+  return lambda logits, rng: jnp.argmax(logits, axis=-1)
+
+
+@SAMPLING_METHODS.register("temperature")
+def temperature(t: float = 1.0):
+  if t <= 0:
+    return greedy()
+  return lambda logits, rng: jax.random.categorical(rng, logits / t, axis=-1)
+
+
+@SAMPLING_METHODS.register("top_k")
+def top_k(k: int, t: float = 1.0):
+  if k < 1:
+    raise ValueError(f"top_k needs k >= 1, got {k}.")
+  return lambda logits, rng: jax.random.categorical(
+      rng, top_k_logits(logits / t, k), axis=-1)
+
+
+@SAMPLING_METHODS.register("top_p")
+def top_p(p: float, t: float = 1.0):
+  if not 0 < p <= 1:
+    raise ValueError(f"top_p needs 0 < p <= 1, got {p}.")
+  return lambda logits, rng: jax.random.categorical(
+      rng, top_p_logits(logits / t, p), axis=-1)
+
+
+@dataclasses.dataclass
+class SampleOutput:
+  tokens: np.ndarray        # [B*n, N] int32
+  lengths: np.ndarray       # [B*n] int32, end token included
+  logprobs: np.ndarray      # [B*n, N] float32, 0 after the end
+  text: Optional[List[str]]
+  prompt_index: np.ndarray  # [B*n] index of the prompt each row answers
+
+  def response_ids(self, i: int) -> List[int]:
+    """Generated ids of row ``i``, end token included."""
+    return self.tokens[i, :self.lengths[i]].tolist()
+
+
+class Sampler:
+  """Samples from a ``Transformer``; compiled functions are cached per shape/method."""
+
+  def __init__(self, model: transformer_lib.Transformer, tokenizer=None, *,
+               end_ids: Optional[Sequence[int]] = None, pad_id: Optional[int] = None,
+               prompt_bucket: int = 16, valid_vocab: Optional[int] = None):
+    self.model = model
+    self.cfg = model.cfg
+    self.tokenizer = tokenizer
+    if end_ids is None:
+      if tokenizer is None:
+        raise ValueError("Sampler needs end_ids or a tokenizer that knows them.")
+      end_ids = tokenizer.eos_ids
+    self.end_ids = tuple(int(i) for i in end_ids)
+    self.pad_id = int(pad_id if pad_id is not None else
+                      (tokenizer.pad_id if tokenizer is not None else 0))
+    self.prompt_bucket = prompt_bucket
+    if valid_vocab is None:
+      valid_vocab = tokenizer.vocab_size if tokenizer is not None else self.cfg.vocab_size
+    if valid_vocab > self.cfg.vocab_size:
+      raise ValueError(f"Tokenizer has {valid_vocab} ids but the model only "
+                       f"{self.cfg.vocab_size}: grow the embedding first.")
+    self.valid_vocab = valid_vocab
+    self._compiled = {}
+
+  # ---------------------------------------------------------------- host side
+  def _encode(self, prompts) -> List[List[int]]:
+    out = []
+    for i, p in enumerate(prompts):
+      if isinstance(p, str):
+        if self.tokenizer is None:
+          raise ValueError("String prompts need a tokenizer.")
+        p = self.tokenizer.encode(p)
+      p = [int(t) for t in p]
+      if not p:
+        raise ValueError(f"Prompt {i} is empty.")
+      out.append(p)
+    return out
+
+  def left_pad(self, prompts: Sequence[Sequence[int]]):
+    """Returns tokens and segment ids [B, P], P rounded up to the bucket size."""
+    longest = max(len(p) for p in prompts)
+    width = -(-longest // self.prompt_bucket) * self.prompt_bucket
+    tokens = np.full((len(prompts), width), self.pad_id, np.int32)
+    segments = np.zeros((len(prompts), width), np.int32)
+    for i, p in enumerate(prompts):
+      tokens[i, width - len(p):] = p
+      segments[i, width - len(p):] = 1
+    return tokens, segments
+
+  def sample(self, params, prompts: Sequence[Union[str, Sequence[int]]], rng: Array, *,
+             max_new_tokens: int, method: str = "greedy", num_samples: int = 1,
+             qlambda=None) -> SampleOutput:
+    """Samples ``num_samples`` responses of at most ``max_new_tokens`` per prompt."""
+    if max_new_tokens < 1 or num_samples < 1:
+      raise ValueError("max_new_tokens and num_samples must be >= 1.")
+    tokens, segments = self.left_pad(self._encode(prompts))
+    fns = self._functions(method, max_new_tokens, num_samples)
+    state = fns["prefill"](params, tokens, segments, qlambda)
+    state = fns["decode"](params, state, rng, qlambda)
+    out_tokens, lengths, logprobs = jax.device_get(
+        (state["out"], state["length"], state["logprobs"]))
+    text = None
+    if self.tokenizer is not None:
+      text = [self.tokenizer.decode(self._strip_end(row[:n]))
+              for row, n in zip(out_tokens, lengths)]
+    return SampleOutput(out_tokens, lengths, logprobs, text,
+                        np.repeat(np.arange(len(prompts)), num_samples))
+
+  def _strip_end(self, ids):
+    ids = list(ids)
+    return ids[:-1] if ids and ids[-1] in self.end_ids else ids
+
+  # -------------------------------------------------------------- device side
+  def _functions(self, method: str, max_new: int, num_samples: int):
+    key = (method, max_new, num_samples)
+    if key not in self._compiled:
+      pick = SAMPLING_METHODS.build(method)
+      self._compiled[key] = {
+          "prefill": jax.jit(lambda p, t, s, q: self._prefill(p, t, s, q, max_new,
+                                                             num_samples)),
+          "decode": jax.jit(lambda p, st, r, q: self._decode(p, st, r, q, pick),
+                            donate_argnums=(1,)),
+      }
+    return self._compiled[key]
+
+  def _prefill(self, params, tokens, segments, qlambda, max_new, n):
+    b, width = tokens.shape
+    positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)  # [B, P]
+    cache = transformer_lib.init_cache(self.cfg, b, width + max_new)
+    logits, cache = self.model.apply({"params": params}, tokens, positions, segments,
+                                     cache=cache, qlambda=qlambda)
+    repeat = lambda x: jnp.repeat(x, n, axis=0)
+    cache = {**cache, "k": jnp.repeat(cache["k"], n, axis=1),
+             "v": jnp.repeat(cache["v"], n, axis=1),
+             "segment_ids": repeat(cache["segment_ids"])}
+    rows = b * n
+    return {
+        "cache": cache,
+        "logits": repeat(logits[:, -1]),                        # [B*n, V]
+        "position": repeat(positions[:, -1] + 1),               # [B*n]
+        "out": jnp.full((rows, max_new), self.pad_id, jnp.int32),
+        "logprobs": jnp.zeros((rows, max_new), jnp.float32),
+        "length": jnp.zeros((rows,), jnp.int32),
+        "done": jnp.zeros((rows,), bool),
+        "step": jnp.zeros((), jnp.int32),
+    }
+
+  def _decode(self, params, state, rng, qlambda, pick):
+    max_new = state["out"].shape[1]
+    end_ids = jnp.asarray(self.end_ids, jnp.int32)
+
+    def cond(st):
+      return (st["step"] < max_new) & ~jnp.all(st["done"])
+
+    def body(st):
+      step, logits = st["step"], st["logits"]
+      if self.valid_vocab < logits.shape[-1]:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < self.valid_vocab, logits, _NEG)
+      token = pick(logits, jax.random.fold_in(rng, step)).astype(jnp.int32)  # [R]
+      logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], -1)[:, 0]
+      live = ~st["done"]
+      token = jnp.where(live, token, self.pad_id)
+      done = st["done"] | jnp.isin(token, end_ids)
+      logits, cache = self.model.apply(
+          {"params": params}, token[:, None], st["position"][:, None],
+          jnp.ones_like(token)[:, None], cache=st["cache"], qlambda=qlambda)
+      return {
+          "cache": cache, "logits": logits[:, -1], "position": st["position"] + 1,
+          "out": st["out"].at[:, step].set(token),
+          "logprobs": st["logprobs"].at[:, step].set(jnp.where(live, logp, 0.0)),
+          "length": st["length"] + live.astype(jnp.int32),
+          "done": done, "step": step + 1,
+      }
+
+    return jax.lax.while_loop(cond, body, state)
