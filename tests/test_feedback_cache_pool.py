@@ -1,0 +1,164 @@
+"""Tests for the JSONL feedback cache and the positive-condition pool."""
+
+import json
+import logging
+import random
+
+import numpy as np
+import pytest
+
+from fcp_jax.data import tasks
+from fcp_jax.data.tasks import Example
+from fcp_jax.feedback.base import Feedback, failed_feedback
+from fcp_jax.feedback.cache import CachedFeedbackEnv, make_env
+from fcp_jax.feedback.critic import Critic
+from fcp_jax.feedback.pool import ConditionPool
+
+EXAMPLES = [Example(uid=f"u{i}", question=f"What is {i} + 5?", answer=str(i + 5),
+                    steps=tasks.evaluate(f"{i}+5")[1]) for i in range(6)]
+
+
+class CountingEnv:
+  """Wraps the critic, counting the queries it is asked; can fail on demand."""
+
+  def __init__(self, fail=False):
+    self.critic, self.asked, self.fail = Critic(seed=1), [], fail
+
+  def config_key(self):
+    return self.critic.config_key()
+
+  def feedback(self, batch):
+    self.asked.extend(r for _, r in batch)
+    if self.fail:
+      return [failed_feedback(False) for _ in batch]
+    return self.critic.feedback(batch)
+
+
+def _queries():
+  return [(e, f"{i}+5={i + 5}\n#### {i + 5}") for i, e in enumerate(EXAMPLES)]
+
+
+def test_cache_hits_misses_and_resume(tmp_path):
+  path = str(tmp_path / "feedback_cache.jsonl")
+  env = CountingEnv()
+  cached = CachedFeedbackEnv(env, path)
+  queries = _queries()
+  first = cached.feedback(queries[:4] + queries[:2])  # Duplicates asked once.
+  assert len(env.asked) == 4 and (cached.hits, cached.misses) == (2, 4)
+  assert first[4] == first[0]
+  assert first == env.critic.feedback(queries[:4] + queries[:2])
+  assert sum(1 for _ in open(path)) == 4
+  # A re-run (new process) never asks again for what is stored.
+  env2 = CountingEnv()
+  resumed = CachedFeedbackEnv(env2, path)
+  assert len(resumed) == 4
+  again = resumed.feedback(queries)
+  assert env2.asked == [queries[4][1], queries[5][1]]
+  assert again[:4] == first[:4] and (resumed.hits, resumed.misses) == (4, 2)
+  record = json.loads(open(path).readlines()[-1])
+  assert record["uid"] == "u5" and record["config_key"] == env.config_key()
+  # Another env configuration is another key.
+  other = CachedFeedbackEnv(Critic(seed=2), path)
+  other.feedback(queries[:1])
+  assert other.misses == 1
+
+
+def test_make_env_builds_registered_envs(tmp_path):
+  path = str(tmp_path / "c.jsonl")
+  env = make_env("critic(noise=0.0, seed=1)", path)
+  assert isinstance(env, CachedFeedbackEnv) and env.config_key() == Critic(seed=1).config_key()
+  assert env.feedback(_queries()[:1]) == Critic(seed=1).feedback(_queries()[:1])
+  assert isinstance(make_env("critic"), Critic)
+  with pytest.raises(KeyError, match="llm_judge"):
+    make_env("judge")
+
+
+def test_half_written_last_line_is_dropped_not_fatal(tmp_path, caplog):
+  path = str(tmp_path / "cache.jsonl")
+  CachedFeedbackEnv(CountingEnv(), path).feedback(_queries()[:3])
+  with open(path, "a") as f:
+    f.write('{"key": "abc", "feedback": {"user": "hal')  # Killed mid-write.
+  caplog.set_level(logging.WARNING)
+  env = CountingEnv()
+  cached = CachedFeedbackEnv(env, path)
+  assert len(cached) == 3 and cached.bad_lines == 1
+  assert "half-written" in caplog.text
+  cached.feedback(_queries()[:4])
+  assert len(env.asked) == 1
+  lines = open(path).read().splitlines()
+  assert len(lines) == 4 and all(json.loads(line) for line in lines)
+
+
+def test_corrupt_middle_line_and_missing_newline(tmp_path, caplog):
+  path = str(tmp_path / "cache.jsonl")
+  CachedFeedbackEnv(CountingEnv(), path).feedback(_queries()[:2])
+  lines = open(path).read().splitlines()
+  with open(path, "w") as f:
+    f.write(lines[0] + "\nnot json\n" + lines[1])  # Complete last record, no newline.
+  caplog.set_level(logging.WARNING)
+  cached = CachedFeedbackEnv(CountingEnv(), path)
+  assert len(cached) == 2 and cached.bad_lines == 1 and "corrupt" in caplog.text
+  cached.feedback(_queries()[2:3])
+  assert len(CachedFeedbackEnv(CountingEnv(), path)) == 3
+
+
+def test_failures_are_not_cached_by_default(tmp_path):
+  path = str(tmp_path / "cache.jsonl")
+  out = CachedFeedbackEnv(CountingEnv(fail=True), path).feedback(_queries()[:2])
+  assert not out[0].ok
+  env = CountingEnv()
+  CachedFeedbackEnv(env, path).feedback(_queries()[:2])
+  assert len(env.asked) == 2  # Retried on resume.
+  kept = CachedFeedbackEnv(CountingEnv(fail=True), str(tmp_path / "c2.jsonl"),
+                           cache_failures=True)
+  kept.feedback(_queries()[:1])
+  assert len(CachedFeedbackEnv(CountingEnv(), str(tmp_path / "c2.jsonl"))) == 1
+
+
+def _fb(reviewer, score, correct=True, user="fine"):
+  return Feedback(user=user, reviewer=reviewer, critique="c", score=score, correct=correct)
+
+
+RECORDS = [
+    _fb("Correct and clear; rigorous.", 10),
+    _fb("correct  and CLEAR; rigorous.", 9),  # Duplicate up to case and spacing.
+    _fb("Accurate and concise; neat.", 10),  # Length-related.
+    _fb("Right but verbose.", 8),  # Length-related.
+    _fb("Sound and methodical.", 8),
+    _fb("Incorrect and careless.", 2, correct=False),  # Below threshold.
+    _fb("Lucky guess, well presented.", 9, correct=False),
+    Feedback(user="", reviewer="", critique="", score=9, correct=True),  # Empty.
+]
+
+
+def test_pool_filters_and_counts():
+  pool = ConditionPool.build(RECORDS, min_score=8)
+  assert pool.conditions == ("Correct and clear; rigorous.", "Sound and methodical.",
+                             "Lucky guess, well presented.")
+  assert pool.stats == dict(records=8, below_threshold=1, incorrect=0, empty=1,
+                            excluded=2, duplicates=1)
+  strict = ConditionPool.build(RECORDS, min_score=8, require_correct=True)
+  assert "Lucky guess, well presented." not in strict.conditions
+  lenient = ConditionPool.build(RECORDS, min_score=8, exclude=())
+  assert "Accurate and concise; neat." in lenient.conditions
+  users = ConditionPool.build(RECORDS, kind="user")
+  assert users.conditions == ("fine",)
+  with pytest.raises(ValueError, match="empty"):
+    ConditionPool.build(RECORDS, min_score=11)
+
+
+def test_pool_save_load_and_sample(tmp_path):
+  pool = ConditionPool.build(RECORDS)
+  path = pool.save(str(tmp_path / "pool" / "c_plus.json"))
+  loaded = ConditionPool.load(path)
+  assert loaded.conditions == pool.conditions and loaded.stats == pool.stats
+  assert loaded.settings["min_score"] == 8
+  draws = [loaded.sample(np.random.default_rng(s)) for s in range(60)]
+  assert set(draws) == set(pool.conditions)
+  assert loaded.sample(random.Random(3)) == loaded.sample(random.Random(3))
+  assert loaded.sample(5) == loaded.sample(5)
+  with pytest.raises(TypeError):
+    loaded.sample("seed")
+  (tmp_path / "bad.json").write_text('{"conditions": [1, 2]}')
+  with pytest.raises(ValueError, match="bad.json"):
+    ConditionPool.load(str(tmp_path / "bad.json"))
