@@ -16,7 +16,7 @@ def tiny_model(seed: int = 0, variant: str = "tiny", **overrides
   cfg = transformer_lib.get_variant(variant, **overrides)
   model = transformer_lib.Transformer(cfg)
   tokens = jnp.zeros((1, 8), jnp.int32)
-  params = nn.unbox(model.init(jax.random.PRNGKey(seed), tokens)["params"])
+  params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), tokens)["params"])
   return cfg, model, params
 
 
