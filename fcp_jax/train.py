@@ -1,0 +1,291 @@
+"""Offline driver: FCP, SFT or RFT by masked NLL, sharded, checkpointed, resumable.
+
+    python -m fcp_jax.train --config configs/offline_fcp.py:runlocal --workdir DIR \\
+        [--config.data.data_dir=TFDS_DIR] [--config.a.b=v ...]
+
+or, from another driver: ``summary = train.run(config, workdir)``.
+
+Objectives (``OBJECTIVES``) differ only in the data they feed the same NLL:
+
+* ``fcp``: feedback triples, trained as ``log π(response | <EF>c</EF> question)``;
+* ``rft``: the triples whose response is correct, trained without a condition;
+* ``sft``: (question, reference response) pairs, without a condition.
+
+Re-running the same command resumes from the newest complete checkpoint in
+``DIR/checkpoints`` (model, optimizer and data-iterator state), so the finished run is
+bitwise the uninterrupted one. The run writes ``config.json``, ``metrics.jsonl``,
+``tb/``, ``checkpoints/`` and ``plots/`` under the workdir.
+"""
+
+import logging as pylogging
+import os
+import sys
+import time
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+from absl import flags
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from fcp_jax import config_lib
+from fcp_jax.data import pipeline as pipeline_lib
+from fcp_jax.data import tfds_builders
+from fcp_jax.data import tokenizer as tokenizer_lib
+from fcp_jax.registry import Registry
+from fcp_jax.training import checkpoint as checkpoint_lib
+from fcp_jax.training import losses as losses_lib
+from fcp_jax.training import metrics as metrics_lib
+from fcp_jax.training import sharding as sharding_lib
+from fcp_jax.training import step as step_lib
+
+OBJECTIVES = Registry("offline objective")
+# Test hook for kill-and-resume tests: the process sleeps after this step's update, so
+# a test can SIGKILL it at a known point while the command line stays the same.
+HANG_ENV = "FCP_JAX_DEBUG_HANG_AT_STEP"
+TOKENIZERS = {"char": tokenizer_lib.CharTokenizer}
+
+
+# ---------------------------------------------------------------------------------------
+# Objectives: which records, and which prompt condition.
+# ---------------------------------------------------------------------------------------
+
+
+@OBJECTIVES.register("fcp")
+def fcp_records(data_cfg: Mapping[str, Any], split: str) -> Tuple[Sequence[Any], str]:
+  """Every feedback triple, conditioned on its feedback text."""
+  return tfds_builders.load_source(tfds_builders.TRIPLES, data_cfg["data_dir"],
+                                   data_cfg["name"], split), "record"
+
+
+@OBJECTIVES.register("rft")
+def rft_records(data_cfg: Mapping[str, Any], split: str) -> Tuple[Sequence[Any], str]:
+  """Only the triples whose response is correct, without a condition."""
+  source = tfds_builders.load_source(tfds_builders.TRIPLES, data_cfg["data_dir"],
+                                     data_cfg["name"], split)
+  kept = [r for r in source if int(r["correct"]) == 1]
+  logging.info("rft: kept %d of %d %s triples (correct only).", len(kept), len(source),
+               split)
+  return kept, "none"
+
+
+@OBJECTIVES.register("sft")
+def sft_records(data_cfg: Mapping[str, Any], split: str) -> Tuple[Sequence[Any], str]:
+  """(question, reference response) pairs, without a condition."""
+  return tfds_builders.load_source(tfds_builders.SFT, data_cfg["data_dir"],
+                                   data_cfg["name"], split), "none"
+
+
+def build_tokenizer(spec: str):
+  """``"char"`` or the path of a Hugging Face ``tokenizer.json``."""
+  if spec in TOKENIZERS:
+    return TOKENIZERS[spec]()
+  if not os.path.exists(spec):
+    raise FileNotFoundError(f"config.tokenizer={spec!r} is neither one of "
+                            f"{sorted(TOKENIZERS)} nor an existing tokenizer file.")
+  return tokenizer_lib.HFTokenizer(spec)
+
+
+def make_pipeline(config: ml_collections.ConfigDict, tok, split: str, *, batch_size: int,
+                  train: bool) -> pipeline_lib.Pipeline:
+  """This process's grain pipeline of ``split`` for ``config.objective``."""
+  data = config.data
+  if not data.data_dir:
+    raise ValueError("config.data.data_dir is empty: point it at the TFDS data dir "
+                     "built with fcp_jax.data.tfds_builders.build(...).")
+  records, condition = OBJECTIVES.build(config.objective, dict(data), split)
+  if batch_size % jax.process_count():
+    raise ValueError(f"Batch size {batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes.")
+  return pipeline_lib.Pipeline(
+      records, tok, batch_size=batch_size // jax.process_count(), max_len=data.max_len,
+      condition=condition, system=data.system, pack=data.pack, overflow=data.overflow,
+      shuffle=train, seed=config.seed, num_epochs=None if train else 1,
+      num_workers=data.num_workers if train else 0)
+
+
+def check_vocab(tok, model_cfg):
+  if tok.vocab_size > model_cfg.vocab_size:
+    raise ValueError(f"Tokenizer has {tok.vocab_size} tokens but the model's vocab_size "
+                     f"is {model_cfg.vocab_size}; use a larger variant or override "
+                     "config.model.vocab_size.")
+
+
+def _tokens_in(batch: Mapping[str, np.ndarray]) -> int:
+  return int(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Trains (or resumes) the run in ``workdir``; returns a summary dict."""
+  # -------------------------------------------------------------------------------------
+  # Setup.
+  # -------------------------------------------------------------------------------------
+  sharding_lib.initialize_distributed(config.parallel)
+  is_primary = jax.process_index() == 0
+  if is_primary:
+    config_lib.write_config(config, workdir)
+  total_steps = int(config.total_steps)
+  for key in ("total_steps", "log_every", "batch_size"):
+    if int(config[key]) < 1:
+      raise ValueError(f"config.{key} must be >= 1, got {config[key]}.")
+  tok = build_tokenizer(config.tokenizer)
+
+  # -------------------------------------------------------------------------------------
+  # Mesh.
+  # -------------------------------------------------------------------------------------
+  par = sharding_lib.build(config.parallel)
+  logging.info("Parallel mode %s over %d devices (%d processes).",
+               config.parallel.mode, jax.device_count(), jax.process_count())
+
+  # -------------------------------------------------------------------------------------
+  # Data.
+  # -------------------------------------------------------------------------------------
+  train_pipe = make_pipeline(config, tok, config.data.train_split,
+                             batch_size=config.batch_size, train=True)
+  logging.info("Train data: %s", train_pipe.report)
+  train_iter = iter(train_pipe)
+  eval_batches: List[Dict[str, np.ndarray]] = []
+  if config.eval.every and config.data.eval_split:
+    eval_pipe = make_pipeline(config, tok, config.data.eval_split,
+                              batch_size=config.eval.batch_size, train=False)
+    for batch in eval_pipe:
+      if len(eval_batches) >= config.eval.max_batches:
+        break
+      eval_batches.append(batch)
+    if not eval_batches:
+      raise ValueError(f"Eval split {config.data.eval_split!r} gives no full batch of "
+                       f"{config.eval.batch_size}: {eval_pipe.report}. Lower "
+                       "config.eval.batch_size or set config.eval.every=0.")
+    logging.info("Eval data: %d batches; %s", len(eval_batches), eval_pipe.report)
+
+  # -------------------------------------------------------------------------------------
+  # Model and step.
+  # -------------------------------------------------------------------------------------
+  tr = step_lib.build_training(config, par, total_steps=total_steps)
+  check_vocab(tok, tr.model_cfg)
+  quant_probe = None
+  if tr.model_cfg.weight_quant != "none":
+    from fcp_jax.models import ternary  # pylint: disable=g-import-not-at-top
+    probe = par.jit_replicated(step_lib.make_quant_probe(tr.model,
+                                                         qlambda_fn=tr.qlambda_fn))
+    quant_probe = lambda params, step: ternary.quant_metrics(
+        jax.device_get(probe(params, np.int32(step))))
+
+  def evaluate(params, step: int) -> Dict[str, float]:
+    terms = None
+    for batch in eval_batches:
+      t = tr.eval_step(params, par.put_batch(batch), np.int32(step))
+      terms = t if terms is None else losses_lib.add_terms(terms, t)
+    out = jax.device_get(losses_lib.finalize_metrics(terms))
+    return {k: float(v) for k, v in out.items()}
+
+  # -------------------------------------------------------------------------------------
+  # Checkpoint: resume from the newest complete step, else start (or init_from).
+  # -------------------------------------------------------------------------------------
+  ckpt = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
+      keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  restored = ckpt.restore_latest(tr.abstract_state, data_iter=train_iter)
+  if restored is not None:
+    state = restored.state
+    logging.info("Resumed from step %d.", restored.step)
+  else:
+    state = tr.create_state(jax.random.PRNGKey(config.seed))
+    if config.init_from:
+      state = state.replace(params=checkpoint_lib.restore_params(
+          config.init_from, tr.abstract_state.params))
+  start_step = int(jax.device_get(state.step))
+
+  # -------------------------------------------------------------------------------------
+  # Loop.
+  # -------------------------------------------------------------------------------------
+  writer = metrics_lib.MetricWriter(
+      workdir, resume_step=start_step if restored is not None else None,
+      is_primary=is_primary)
+  progress = metrics_lib.Progress(total_steps, start_step)
+  pending = metrics_lib.PendingMetrics()
+  eval_history: List[Tuple[int, float]] = []
+  last_train: Dict[str, float] = {}
+
+  def run_eval(step: int):
+    if not eval_batches:
+      return
+    m = evaluate(state.params, step)
+    metrics_lib.check_finite(step, {f"eval/{k}": v for k, v in m.items()})
+    writer.write(step, {f"eval/{k}": v for k, v in m.items()})
+    if quant_probe is not None:
+      writer.write(step, quant_probe(state.params, step))
+    eval_history.append((step, m["loss"]))
+    logging.info("step %d eval: loss %.4f accuracy %.4f (%d tokens)", step, m["loss"],
+                 m["accuracy"], m["tokens"])
+
+  hang_at = int(os.environ.get(HANG_ENV, -1))
+  try:
+    if restored is None:
+      run_eval(start_step)
+    for step in range(start_step + 1, total_steps + 1):
+      batch = next(train_iter)
+      state, step_metrics = tr.train_step(state, par.put_batch(batch))
+      pending.add(step, step_metrics)
+      progress.add_tokens(_tokens_in(batch))
+      eval_due = bool(eval_batches) and step % config.eval.every == 0
+      ckpt_due = config.checkpoint.every and step % config.checkpoint.every == 0
+      if step % config.log_every == 0 or eval_due or ckpt_due or step == total_steps:
+        for s, m in pending.fetch():  # NaN/Inf guard: raises before anything is saved.
+          writer.write(s, {f"train/{k}": v for k, v in m.items()})
+          last_train = m
+        speed = progress.report(step)
+        writer.write(step, {f"speed/{k}": v for k, v in speed.items()})
+        logging.info("%s", progress.line(step, last_train, speed))
+      if eval_due or (step == total_steps and eval_batches):
+        run_eval(step)
+      ckpt.save(step, state, data_iter=train_iter, force=step == total_steps)
+      writer.flush()
+      if step == hang_at:
+        logging.warning("%s=%d: sleeping so a test can kill this process.", HANG_ENV,
+                        step)
+        time.sleep(3600)
+  finally:
+    ckpt.close()
+    writer.close()
+
+  # -------------------------------------------------------------------------------------
+  # Summary.
+  # -------------------------------------------------------------------------------------
+  plots = metrics_lib.plot_curves(workdir) if (config.plots and is_primary) else []
+  summary = dict(
+      workdir=workdir, step=int(jax.device_get(state.step)), start_step=start_step,
+      resumed=restored is not None, train=last_train, eval_history=eval_history,
+      eval_loss=eval_history[-1][1] if eval_history else None, plots=plots,
+      train_data=train_pipe.report)
+  logging.info("Done: %s", {k: summary[k] for k in ("step", "eval_loss")})
+  return summary
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Drops orbax's per-save INFO chatter from the run's log (warnings stay)."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    return (record.levelno >= pylogging.WARNING
+            or f"{os.sep}orbax{os.sep}" not in record.pathname)
+
+
+def main(argv: Sequence[str]) -> Dict[str, Any]:
+  """``--config spec --workdir DIR [--config.k=v ...]``."""
+  config, rest = config_lib.config_from_argv(argv)
+  workdir = rest.pop("workdir", "")
+  if not workdir:
+    raise ValueError("Missing --workdir DIR.")
+  if rest:
+    raise ValueError(f"Unknown flags {sorted(rest)}; expected --config, --config.k=v "
+                     "and --workdir.")
+  flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags.
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  return run(config, workdir)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
