@@ -1,0 +1,154 @@
+"""Runs a config's sweep locally (one pipeline per entry) and merges the results.
+
+    python experiments/sweep.py --config configs/arith_fcp.py --workdir runs/sweep
+    python experiments/sweep.py --config configs/arith_fcp.py:runlocal --workdir /tmp/s \\
+        --sweep "seed=0,ternary=False;seed=0,ternary=True"
+
+Each entry of ``get_sweep()`` (or of ``--sweep``, entries separated by ``;``) is a config
+arg string joined to the base arg (``runlocal,seed=1,ternary=False``); its pipeline
+runs in ``WORKDIR/<entry>`` and is resumable like any pipeline. The merged table groups
+entries by everything except the seed and reports mean ± std over seeds of each
+method's accuracy under each condition: ``WORKDIR/sweep.json``, ``sweep.md`` and
+``sweep.png``. ``--config.k=v`` overrides apply to every entry.
+"""
+
+import collections
+import json
+import os
+import sys
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
+
+from absl import flags
+from absl import logging
+import numpy as np
+
+from fcp_jax import config_lib
+from fcp_jax import pipeline
+
+
+def entry_name(arg: str) -> str:
+  return arg.replace(",", "_").replace("=", "-") or "default"
+
+
+def group_key(arg: str) -> str:
+  """The entry's arg without ``seed=...`` (entries differing only in seed group)."""
+  return ",".join(p for p in arg.split(",") if p and not p.startswith("seed=")) or "base"
+
+
+def merge(entries: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
+  """``{arg: results.json}`` -> ``{group: {method: {condition: stats over seeds}}}``."""
+  grouped: Dict[str, List[Mapping[str, Any]]] = collections.defaultdict(list)
+  for arg, res in entries.items():
+    grouped[group_key(arg)].append(res)
+  out: Dict[str, Any] = {}
+  for group, runs in grouped.items():
+    table: Dict[str, Dict[str, Any]] = {}
+    methods = runs[0]["eval"].keys()
+    for method in methods:
+      table[method] = {}
+      conditions = [c for c, v in runs[0]["eval"][method].items() if isinstance(v, dict)]
+      for c in conditions:
+        accs = np.asarray([r["eval"][method][c]["accuracy"] for r in runs])  # [S]
+        table[method][c] = dict(mean=float(accs.mean()), std=float(accs.std()),
+                                values=[float(a) for a in accs], seeds=len(accs))
+      table[method]["native"] = runs[0]["eval"][method].get("native")
+    out[group] = table
+  return out
+
+
+def merged_markdown(merged: Mapping[str, Any]) -> str:
+  lines = ["# Sweep: accuracy % (mean ± std over seeds)", ""]
+  for group, table in merged.items():
+    conditions = [c for c in next(iter(table.values())) if c != "native"]
+    lines += [f"## {group}", "", "| method | " + " | ".join(conditions) + " |",
+              "|---|" + "---|" * len(conditions)]
+    for method, row in table.items():
+      cells = [f"{100 * row[c]['mean']:.1f} ± {100 * row[c]['std']:.1f} "
+               f"(n={row[c]['seeds']})" for c in conditions]
+      lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def plot(merged: Mapping[str, Any], path: str) -> str:
+  """Native-condition accuracy per method, one bar group per sweep group."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  groups = list(merged)
+  methods = list(next(iter(merged.values())))
+  width = 0.8 / max(len(groups), 1)
+  fig, ax = plt.subplots(figsize=(8, 4))
+  for j, g in enumerate(groups):
+    rows = [merged[g][m] for m in methods]
+    means = [100 * r[r["native"]]["mean"] for r in rows]
+    stds = [100 * r[r["native"]]["std"] for r in rows]
+    ax.bar(np.arange(len(methods)) + j * width, means, width, yerr=stds, capsize=3,
+           label=g)
+  ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2)
+  ax.set_xticklabels(methods)
+  ax.set_ylabel("accuracy % (native condition)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def run_sweep(config_path: str, base_arg: str, sweep: Sequence[str], workdir: str,
+              overrides: Sequence[str] = ()) -> Tuple[Dict[str, Any], Dict[str, str]]:
+  """Runs every entry's pipeline, then writes the merged files; returns (merged, paths)."""
+  entries = {}
+  for arg in sweep:
+    full = ",".join(a for a in (base_arg, arg) if a)
+    config = config_lib.load_config(f"{config_path}:{full}")
+    config_lib.apply_overrides(config, list(overrides))
+    logging.info("Sweep entry %s", full)
+    entries[arg] = pipeline.run(config, os.path.join(workdir, entry_name(arg)))
+  merged = merge(entries)
+  paths = {"json": os.path.join(workdir, "sweep.json"),
+           "md": os.path.join(workdir, "sweep.md"),
+           "png": os.path.join(workdir, "sweep.png")}
+  with open(paths["json"], "w") as f:
+    json.dump(merged, f, indent=2)
+  with open(paths["md"], "w") as f:
+    f.write(merged_markdown(merged))
+  plot(merged, paths["png"])
+  return merged, paths
+
+
+def main(argv: Sequence[str]):
+  rest, overrides = config_lib.split_overrides(list(argv))
+  opts, it = {}, iter(rest)
+  for a in it:
+    if not a.startswith("--"):
+      raise ValueError(f"Unexpected argument {a!r}; flags look like --name=value.")
+    name, eq, value = a[2:].partition("=")
+    opts[name] = value if eq else next(it, "")
+  spec, workdir = opts.get("config", ""), opts.get("workdir", "")
+  if not spec or not workdir:
+    raise ValueError("Usage: sweep.py --config=path.py[:arg] --workdir=DIR "
+                     "[--sweep='a=1;a=2'] [--config.k=v ...]")
+  config_path, _, base_arg = spec.partition(":")
+  if "sweep" in opts:
+    sweep = opts["sweep"].split(";")
+  else:
+    sweep = _load_module(config_path).get_sweep()
+  flags.FLAGS.mark_as_parsed()
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.INFO)
+  merged, paths = run_sweep(config_path, base_arg, sweep, workdir, overrides)
+  print(merged_markdown(merged))
+  print(paths)
+
+
+def _load_module(path: str):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("sweep_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,216 @@
+"""Tests of the online driver: FCP re-templating, GRPO rows, prompt order, crash resume."""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from fcp_jax import bootstrap
+from fcp_jax import config_lib
+from fcp_jax.data import chat
+from fcp_jax.data import tasks
+from fcp_jax.data import tokenizer as tokenizer_lib
+from fcp_jax.feedback.base import Feedback
+from fcp_jax.feedback.pool import ConditionPool
+from fcp_jax.training import checkpoint as checkpoint_lib
+from fcp_jax.training import state as state_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+C_PLUS = "Correct and clear; carefully reasoned throughout."
+
+
+def _feedback(reviewer: str, score: int, correct: bool) -> Feedback:
+  return Feedback(user=f"user {score}", reviewer=reviewer, critique=f"critique {score}",
+                  score=score, correct=correct)
+
+
+def _rollouts(tok, condition, responses, feedback, logprobs=None):
+  example = tasks.Example(uid="u0", question="3+4=?", answer="7")
+  prompt = chat.encode_prompt(tok, example.question, condition, system=None)
+  n = len(responses)
+  ids = [tok.encode(r) + [tok.im_end_id] for r in responses]
+  width = max(len(r) for r in ids)
+  if logprobs is None:
+    logprobs = np.zeros((n, width), np.float32)
+  return bootstrap.Rollouts(
+      examples=[example] * n, prompts=[prompt] * n, sample_conditions=[condition] * n,
+      responses=ids, texts=list(responses), logprobs=logprobs, feedback=feedback,
+      group_size=n)
+
+
+def test_fcp_rows_hold_sampled_response_under_fresh_condition():
+  tok = tokenizer_lib.CharTokenizer()
+  fresh = ["Incorrect and sloppy; numerically inaccurate overall.",
+           "Right and tidy; neatly reasoned throughout."]
+  ro = _rollouts(tok, C_PLUS, ["3+4=8\n#### 8", "3+4=7\n#### 7"],
+                 [_feedback(fresh[0], 2, False), _feedback(fresh[1], 10, True)])
+  objective = bootstrap.ONLINE_OBJECTIVES.build("fcp", _online_cfg())
+  batch = objective.batch(tok, ro, max_len=128)
+  for i in range(2):
+    # Independent reference: the prompt built from scratch under c', then the samples.
+    expected_prompt = chat.encode_prompt(tok, "3+4=?", fresh[i], system=None)
+    expected = expected_prompt + ro.responses[i]
+    n = len(expected)
+    np.testing.assert_array_equal(batch["tokens"][i, :n], expected)
+    assert np.all(batch["segment_ids"][i, n:] == 0)
+    mask = batch["loss_mask"][i]
+    # The loss covers exactly the sampled response ids (end token included).
+    np.testing.assert_array_equal(np.nonzero(mask)[0],
+                                  np.arange(len(expected_prompt), n))
+    np.testing.assert_array_equal(batch["tokens"][i][mask > 0], ro.responses[i])
+    text = tok.decode(batch["tokens"][i, :n].tolist())
+    assert fresh[i] in text and C_PLUS not in text
+
+
+def test_fcp_condition_kind_is_configurable():
+  tok = tokenizer_lib.CharTokenizer()
+  fb = _feedback("Sound and clear; logically reasoned throughout.", 10, True)
+  ro = _rollouts(tok, C_PLUS, ["#### 7"], [fb])
+  cfg = _online_cfg(condition_kind="user")
+  batch = bootstrap.ONLINE_OBJECTIVES.build("fcp", cfg).batch(tok, ro, max_len=96)
+  text = tok.decode(batch["tokens"][0].tolist())
+  assert f"<EF>{fb.user}</EF>" in text and fb.reviewer not in text
+
+
+def test_sample_conditions_shared_or_fresh_per_rollout():
+  pool = ConditionPool([f"good {i}" for i in range(50)])
+  shared = bootstrap.FcpObjective(_online_cfg()).sample_conditions(
+      pool, 3, 4, np.random.default_rng(0))
+  assert len(shared) == 12
+  for p in range(3):
+    assert len(set(shared[p * 4:(p + 1) * 4])) == 1
+  fresh = bootstrap.FcpObjective(_online_cfg(fresh_cplus_per_rollout=True)).sample_conditions(
+      pool, 3, 4, np.random.default_rng(0))
+  assert len(fresh) == 12 and len(set(fresh)) > 3
+
+
+def test_grpo_rows_advantages_and_old_logprobs():
+  tok = tokenizer_lib.CharTokenizer()
+  scores = [10, 2, 7, 2]
+  responses = ["#### 7", "#### 1", "3+4=7", "no"]
+  logprobs = -np.arange(1, 4 * 8 + 1, dtype=np.float32).reshape(4, 8) / 10
+  ro = _rollouts(tok, "", responses,
+                 [_feedback("x", s, s == 10) for s in scores], logprobs)
+  batch = bootstrap.ONLINE_OBJECTIVES.build("grpo", _online_cfg()).batch(
+      tok, ro, max_len=64)
+  rewards = [s / 10 for s in scores]
+  mean, std = statistics.mean(rewards), statistics.stdev(rewards)  # unbiased, by hand
+  np.testing.assert_allclose(batch["advantages"], [(r - mean) / (std + 1e-6)
+                                                   for r in rewards], rtol=1e-5)
+  prompt = chat.encode_prompt(tok, "3+4=?", "", system=None)
+  for i, r in enumerate(ro.responses):
+    np.testing.assert_array_equal(batch["tokens"][i, :len(prompt)], prompt)
+    span = slice(len(prompt), len(prompt) + len(r))
+    np.testing.assert_array_equal(batch["tokens"][i, span], r)
+    np.testing.assert_array_equal(batch["old_logprobs"][i, span], logprobs[i, :len(r)])
+    assert batch["old_logprobs"][i, :len(prompt)].sum() == 0
+    np.testing.assert_array_equal(np.nonzero(batch["loss_mask"][i])[0],
+                                  np.arange(span.start, span.stop))
+
+
+def test_round_prompts_cover_each_epoch_once_and_are_deterministic():
+  seen = []
+  for r in range(5):
+    idx, cursor, _ = bootstrap.round_prompts(10, 4, r, seed=3)
+    assert cursor == 4 * (r + 1)
+    seen += idx.tolist()
+  assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+  assert seen[:10] != seen[10:20]  # A fresh permutation each epoch.
+  np.testing.assert_array_equal(bootstrap.round_prompts(10, 4, 3, 3)[0],
+                                bootstrap.round_prompts(10, 4, 3, 3)[0])
+
+
+def test_mini_batch_must_divide_rollouts():
+  batch = {"tokens": np.zeros((6, 4), np.int32)}
+  with pytest.raises(ValueError, match="mini_batch=4"):
+    bootstrap._split_rows(batch, 4)  # pylint: disable=protected-access
+
+
+def test_fcp_without_pool_is_a_clear_error(tmp_path):
+  cfg = _config("runlocal,stage=bootstrap")
+  with pytest.raises(ValueError, match="online.pool"):
+    bootstrap.run(cfg, str(tmp_path / "run"))
+
+
+def _config(arg):
+  return config_lib.load_config(os.path.join(REPO, "configs", f"arith_fcp.py:{arg}"))
+
+
+def _online_cfg(**overrides):
+  cfg = ml_collections.ConfigDict(_config("runlocal,stage=bootstrap").online.to_dict())
+  cfg.update(overrides)
+  return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# SIGKILL mid-round, then re-run: bitwise equal to an uninterrupted run, no question
+# asked twice.
+# ---------------------------------------------------------------------------------------
+
+
+def _run_bootstrap(workdir, pool_path, *extra):
+  cmd = [sys.executable, "-m", "fcp_jax.bootstrap",
+         "--config", "configs/arith_fcp.py:runlocal,stage=bootstrap",
+         "--workdir", str(workdir), f"--config.online.pool={pool_path}",
+         "--config.online.rounds=3", "--config.plots=False", *extra]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _cache_keys(workdir):
+  with open(os.path.join(workdir, bootstrap.FEEDBACK_CACHE)) as f:
+    return [json.loads(line)["key"] for line in f if line.strip()]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_round_resume_is_bitwise_equal(tmp_path):
+  pool_path = ConditionPool([C_PLUS, "Accurate and tidy; neatly reasoned throughout."]
+                            ).save(str(tmp_path / "pool.json"))
+  straight, killed = tmp_path / "straight", tmp_path / "killed"
+  out = _run_bootstrap(straight, pool_path)
+  assert out.returncode == 0, out.stderr[-3000:]
+  out = _run_bootstrap(killed, pool_path, "--config.debug.kill_at_round=1")
+  assert out.returncode == -9, out.stderr[-3000:]  # Died by SIGKILL mid-round 1.
+  keys_at_kill = _cache_keys(killed)
+  rows_per_round = 4 * 2  # runlocal: 4 prompts x 2 samples.
+  # Round 0 was checkpointed; round 1's answers were cached before the kill.
+  assert rows_per_round < len(keys_at_kill) <= 2 * rows_per_round
+  out = _run_bootstrap(killed, pool_path)  # The same command, resumed.
+  assert out.returncode == 0, out.stderr[-3000:]
+
+  # No question asked twice: the cache is identical and has one line per question.
+  keys_straight, keys_killed = _cache_keys(straight), _cache_keys(killed)
+  assert len(set(keys_killed)) == len(keys_killed)
+  assert keys_killed == keys_straight
+  with open(killed / "metrics.jsonl") as f:
+    resumed = [json.loads(line) for line in f]
+  # The resumed run re-sampled round 1 and got every answer of it from the cache.
+  assert resumed[-1]["feedback/hits"] >= rows_per_round
+
+  # Bitwise equal final parameters and optimizer step.
+  cfg = _config("runlocal,stage=bootstrap")
+  model, _ = state_lib.build_model(cfg.model)
+  abstract = jax.eval_shape(lambda: nn.unbox(
+      state_lib.init_boxed_params(model, jax.random.PRNGKey(0))))
+  a = checkpoint_lib.restore_params(str(straight), abstract)
+  b = checkpoint_lib.restore_params(str(killed), abstract)
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b) > 0
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  ckpt = checkpoint_lib.Checkpointer(str(killed / "checkpoints"), every=1)
+  assert ckpt.latest_step() == 3
+  ckpt.close()
+
+
+def test_updates_per_round_validates_the_mini_batch():
+  assert bootstrap.updates_per_round(_online_cfg(prompts_per_step=4, num_samples=4,
+                                                 mini_batch=8)) == 2
+  with pytest.raises(ValueError, match="mini_batch=3"):
+    bootstrap.updates_per_round(_online_cfg(mini_batch=3))

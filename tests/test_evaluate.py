@@ -1,0 +1,126 @@
+"""Tests of evaluation under conditions: prompts, scoring, statistics, files."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fcp_jax import evaluate
+from fcp_jax.data import chat
+from fcp_jax.data import tasks
+from fcp_jax.data import tokenizer as tokenizer_lib
+from fcp_jax.feedback.pool import ConditionPool
+from fcp_jax.sampling.sampler import SampleOutput
+
+
+class ScriptedSampler:
+  """Answers from the prompt text: right under a 'good' condition, else wrong.
+
+  Records every prompt it was asked, so the test can check what the model saw.
+  """
+
+  def __init__(self, tok, examples):
+    self.tokenizer = tok
+    self.answers = {e.question: e.answer for e in examples}
+    self.prompts = []
+    self.methods = []
+
+  def sample(self, params, prompts, rng, *, max_new_tokens, method, num_samples=1,
+             qlambda=None):
+    del params, rng, qlambda
+    self.methods.append(method)
+    texts = []
+    for p in prompts:
+      text = self.tokenizer.decode(p)
+      self.prompts.append(text)
+      _, q, e = chat.question_span(self.tokenizer, p)
+      question = self.tokenizer.decode(p[q:e])
+      good = "good" in text or evaluate.POSITIVE["reviewer"] in text
+      if "<EF></EF>" in text:
+        texts.append("no idea")  # Null condition: no final answer.
+      else:
+        texts.append(f"#### {self.answers[question] if good else '-999'}")
+    n = len(texts)
+    lengths = np.asarray([len(t) + 1 for t in texts], np.int32)
+    return SampleOutput(tokens=np.zeros((n, max_new_tokens), np.int32), lengths=lengths,
+                        logprobs=np.zeros((n, max_new_tokens), np.float32), text=texts,
+                        prompt_index=np.arange(n))
+
+
+def _examples(n=10):
+  return [tasks.Example(uid=f"u{i}", question=f"{i}+{i}=?", answer=str(2 * i))
+          for i in range(n)]
+
+
+def test_conditions_shape_the_prompt_and_the_accuracy():
+  tok = tokenizer_lib.CharTokenizer()
+  examples = _examples()
+  # Half the pool is "good": the pool accuracy is the fraction of good draws.
+  pool = ConditionPool(["good one", "good two", "bad one", "bad two"])
+  sampler = ScriptedSampler(tok, examples)
+  res = evaluate.evaluate_policy(
+      sampler, None, examples, conditions=["pool", "null", "negative", "positive", "none"],
+      seeds=[0, 1, 2], pool=pool, kind="reviewer", max_new_tokens=8, batch_size=4)
+  assert set(sampler.methods) == {"greedy"}
+  assert res["positive"]["accuracy"] == 1.0 and res["negative"]["accuracy"] == 0.0
+  assert res["null"]["accuracy"] == 0.0 and res["null"]["answered"] == 0.0
+  assert res["none"]["answered"] == 1.0
+  # Seeded conditions are decoded once per seed, fixed ones once.
+  assert res["pool"]["num_seeds"] == 3 and res["negative"]["num_seeds"] == 1
+  assert len(sampler.prompts) == 10 * (3 + 4)
+  # Pool accuracy equals the fraction of good conditions drawn (independent recount).
+  expected = []
+  for s in (0, 1, 2):
+    draws = evaluate.CONDITIONS.get("pool")(10, seed=s, pool=pool, kind="reviewer")
+    expected.append(np.mean([d.startswith("good") for d in draws]))
+  assert res["pool"]["per_seed"] == pytest.approx(expected)
+  assert res["pool"]["accuracy"] == pytest.approx(np.mean(expected))
+  assert res["pool"]["seed_std"] == pytest.approx(np.std(expected))
+  acc = res["pool"]["accuracy"]
+  assert res["pool"]["stderr"] == pytest.approx(math.sqrt(acc * (1 - acc) / 10))
+  # The prompts carry exactly the condition wrappers.
+  neg = evaluate.NEGATIVE["reviewer"]
+  assert sum(f"<EF>{neg}</EF>" in p for p in sampler.prompts) == 10
+  assert sum("<EF>" not in p for p in sampler.prompts) == 10  # "none"
+
+
+def test_pool_draws_are_seeded_and_vary_with_the_seed():
+  pool = ConditionPool([f"c{i}" for i in range(20)])
+  draw = evaluate.CONDITIONS.get("pool")
+  assert draw(30, seed=4, pool=pool, kind="reviewer") == draw(
+      30, seed=4, pool=pool, kind="reviewer")
+  assert draw(30, seed=4, pool=pool, kind="reviewer") != draw(
+      30, seed=5, pool=pool, kind="reviewer")
+
+
+def test_custom_fixed_texts_and_missing_pool():
+  assert evaluate.CONDITIONS.get("negative")(2, kind="user", text="meh") == ["meh", "meh"]
+  assert evaluate.CONDITIONS.get("positive")(1, kind="user") == [evaluate.POSITIVE["user"]]
+  with pytest.raises(ValueError, match="pool"):
+    evaluate.CONDITIONS.get("pool")(3, seed=0, pool=None, kind="reviewer")
+  with pytest.raises(KeyError, match="evaluation condition"):
+    evaluate.CONDITIONS.get("nonsense")
+
+
+def test_fixed_conditions_are_plain_text_for_every_kind():
+  tok = tokenizer_lib.CharTokenizer()
+  for table in (evaluate.POSITIVE, evaluate.NEGATIVE):
+    for text in table.values():
+      assert chat.encode_condition(tok, text)[1:-1] == tok.encode(text)
+
+
+def test_results_files_and_tables(tmp_path):
+  tok = tokenizer_lib.CharTokenizer()
+  examples = _examples(4)
+  res = evaluate.evaluate_policy(
+      ScriptedSampler(tok, examples), None, examples, conditions=["positive", "null"],
+      seeds=[0], max_new_tokens=8)
+  paths = evaluate.write_results(res, str(tmp_path))
+  with open(paths["json"]) as f:
+    assert json.load(f)["positive"]["accuracy"] == 1.0
+  with open(paths["md"]) as f:
+    md = f.read()
+  assert "| positive | 100.0 | 0.0 |" in md
+  table = evaluate.markdown_table({"m": res}, ["positive", "null", "pool"])
+  assert "| m | 100.0 ± 0.0 | 0.0 ± 0.0 | – |" in table

@@ -1,0 +1,120 @@
+"""Tests of the end-to-end pipeline, its pair selection and the sweep merge."""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fcp_jax import config_lib
+from fcp_jax import pipeline
+from fcp_jax.data import tasks
+from fcp_jax.feedback.base import Feedback
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "experiments"))
+import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+CONFIG = os.path.join(REPO, "configs", "arith_fcp.py")
+
+
+def _row(uid, response, correct):
+  fb = Feedback(user="u", reviewer="r", critique="c", score=10 if correct else 1,
+                correct=correct)
+  return dict(example=tasks.Example(uid=uid, question=uid), question=uid,
+              response=response, feedback=fb)
+
+
+def test_select_pairs_keeps_mixed_prompts_one_right_one_wrong():
+  rows = ([_row("a", "ok1", True), _row("a", "ok2", True), _row("a", "bad", False),
+           _row("a", "bad", False)]
+          + [_row("b", f"ok{i}", True) for i in range(4)]
+          + [_row("c", f"x{i}", False) for i in range(3)] + [_row("c", " ", True)]
+          + [_row("d", "<|pad|>junk", True), _row("d", "y", False), _row("d", "z", False),
+             _row("d", "w", False)])
+  kept, stats = pipeline.select_pairs(rows, 4, pairs=1, seed=0)
+  assert stats == dict(prompts=4, all_correct=1, all_wrong=2, mixed=1,
+                       unstorable_dropped=2)
+  assert [r["example"].uid for r in kept] == ["a", "a"]
+  assert [r["feedback"].correct for r in kept] == [True, False]
+  kept2, _ = pipeline.select_pairs(rows, 4, pairs=2, seed=0)
+  # Only one distinct wrong response exists for "a": duplicates are not picked twice.
+  assert sorted(r["response"] for r in kept2) == ["bad", "ok1", "ok2"]
+
+
+def test_split_records_is_seeded_and_disjoint():
+  recs = [dict(i=i) for i in range(40)]
+  a = pipeline.split_records(recs, 0.1, seed=1)
+  assert len(a["eval"]) == 4 and len(a["train"]) == 36
+  assert {r["i"] for r in a["eval"]} | {r["i"] for r in a["train"]} == set(range(40))
+  assert a == pipeline.split_records(recs, 0.1, seed=1)
+
+
+def test_effect_checks_are_computed_from_the_table():
+  ev = {"warmup": {"null": {"accuracy": 0.30}},
+        "fcp_bootstrap": {"pool": {"accuracy": 0.45}, "negative": {"accuracy": 0.20}}}
+  checks = pipeline.effect_checks(ev)
+  assert checks["bootstrap_pool_minus_warmup_pts"]["value"] == pytest.approx(15.0)
+  assert checks["bootstrap_pool_minus_warmup_pts"]["ok"]
+  assert checks["bootstrap_pool_minus_negative_pts"]["value"] == pytest.approx(25.0)
+  ev["fcp_bootstrap"]["pool"]["accuracy"] = 0.35
+  assert not pipeline.effect_checks(ev)["bootstrap_pool_minus_warmup_pts"]["ok"]
+
+
+def test_sweep_merge_mean_and_std_over_seeds():
+  def res(acc):
+    return {"eval": {"m": {"native": "null", "null": {"accuracy": acc}}}}
+  merged = sweep.merge({"seed=0,ternary=True": res(0.2), "seed=1,ternary=True": res(0.4),
+                        "seed=0,ternary=False": res(0.5)})
+  assert set(merged) == {"ternary=True", "ternary=False"}
+  cell = merged["ternary=True"]["m"]["null"]
+  assert cell["mean"] == pytest.approx(0.3) and cell["std"] == pytest.approx(0.1)
+  assert cell["seeds"] == 2
+  assert "| m | 30.0 ± 10.0 (n=2) |" in sweep.merged_markdown(merged)
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_through_sweep_writes_every_artefact_and_resumes(tmp_path):
+  merged, paths = sweep.run_sweep(CONFIG, "runlocal", ["seed=0"], str(tmp_path))
+  run = tmp_path / sweep.entry_name("seed=0")
+  with open(run / "results.json") as f:
+    results = json.load(f)
+  for name in ("config.json", "results.json", "results.md",
+               "plots/accuracy_per_method.png", "plots/accuracy_by_condition.png",
+               "plots/curves.png", "collect/pool.json", "fcp_bootstrap/metrics.jsonl",
+               "grpo/metrics.jsonl", "warmup/metrics.jsonl"):
+    assert (run / name).exists(), name
+  for stage in ("data", "warmup", "collect", "offline_fcp", "fcp_bootstrap", "rft",
+                "grpo"):
+    assert (run / stage / pipeline.DONE).exists(), stage
+  methods = ("warmup", "offline_fcp", "fcp_bootstrap", "rft", "grpo")
+  for method in methods:
+    assert (run / "eval" / method / "eval.json").exists()
+    for cond in ("pool", "null", "negative", "positive"):
+      r = results["eval"][method][cond]
+      assert 0.0 <= r["accuracy"] <= 1.0 and r["num_questions"] == 16
+    assert results["eval"][method]["pool"]["num_seeds"] == 2
+  cfg = config_lib.load_config(f"{CONFIG}:runlocal")
+  on = cfg.bootstrap.online
+  assert results["budget"]["fcp_online"] == on.rounds * on.prompts_per_step * on.num_samples
+  assert results["budget"]["collect"] == cfg.collect.prompts * cfg.collect.num_samples
+  assert results["budget"]["rft_total"] == results["budget"]["fcp_total"]
+  with open(run / "results.md") as f:
+    md = f.read()
+  assert "| fcp_bootstrap | pool |" in md and "## Checks" in md
+  assert set(results["checks"]) == {"bootstrap_pool_minus_warmup_pts",
+                                    "bootstrap_pool_minus_negative_pts"}
+  assert os.path.exists(paths["md"]) and os.path.exists(paths["png"])
+  assert set(merged["base"]) == set(methods)
+
+  # Re-running skips every complete stage and reproduces the same table.
+  t0 = time.perf_counter()
+  again = pipeline.run(cfg, str(run))
+  assert time.perf_counter() - t0 < 60
+  for method in methods:
+    assert again["eval"][method]["pool"]["accuracy"] == results["eval"][method]["pool"][
+        "accuracy"]
+  with open(run / "fcp_bootstrap" / pipeline.DONE) as f:
+    assert json.load(f)["rounds"] == on.rounds
