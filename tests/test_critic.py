@@ -56,6 +56,8 @@ def test_exact_scores_and_analysis(env):
   scores = {name: env.one(EX, CASES[name][0]).score for name in CASES}
   assert scores["correct"] == 10 and scores["missing_marker"] == 7
   assert scores["empty"] == 0 and scores["arithmetic_slip"] < scores["skipped_step"]
+  # A bare wrong guess never outscores a worked wrong attempt.
+  assert env.one(EX, "#### 13").score < scores["arithmetic_slip"]
   a = env.analyze(EX, CASES["arithmetic_slip"][0])
   assert a.wrong_claim.text == "7+5=13" and a.wrong_claim.line == 2
   assert env.analyze(EX, CASES["skipped_step"][0]).missing.text == "7+5=12"

@@ -221,7 +221,10 @@ class Analysis:
     if self.answer is None:
       return 0
     partial = self.num_reference and 2 * self.reached >= self.num_reference
-    return 1 + int(self.has_marker) + int(self.wrong_claim is None) + int(bool(partial))
+    # Credit for sound arithmetic only when there is arithmetic to check: a bare wrong
+    # guess must not outscore a worked attempt (online methods would learn to guess).
+    sound = bool(self.claims) and self.wrong_claim is None
+    return 1 + int(self.has_marker) + int(sound) + int(bool(partial))
 
 
 def analyze(example: tasks.Example, response: str, *, verbose_ratio: float = 2.5,
