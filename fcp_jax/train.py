@@ -102,6 +102,7 @@ def make_pipeline(config: ml_collections.ConfigDict, tok, split: str, *, batch_s
       records, tok, batch_size=batch_size // jax.process_count(), max_len=data.max_len,
       condition=condition, system=data.system, pack=data.pack, overflow=data.overflow,
       shuffle=train, seed=config.seed, num_epochs=None if train else 1,
+      drop_remainder=train,
       num_workers=data.num_workers if train else 0)
 
 
@@ -110,6 +111,13 @@ def check_vocab(tok, model_cfg):
     raise ValueError(f"Tokenizer has {tok.vocab_size} tokens but the model's vocab_size "
                      f"is {model_cfg.vocab_size}; use a larger variant or override "
                      "config.model.vocab_size.")
+
+
+def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> Dict[str, np.ndarray]:
+  """Pads a final partial batch with empty rows (segment 0, no loss) up to ``rows``."""
+  extra = rows - len(batch["tokens"])
+  return {k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)])
+          for k, v in batch.items()}
 
 
 def _tokens_in(batch: Mapping[str, np.ndarray]) -> int:
@@ -152,11 +160,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     for batch in eval_pipe:
       if len(eval_batches) >= config.eval.max_batches:
         break
-      eval_batches.append(batch)
+      eval_batches.append(pad_rows(batch, config.eval.batch_size // jax.process_count()))
     if not eval_batches:
-      raise ValueError(f"Eval split {config.data.eval_split!r} gives no full batch of "
-                       f"{config.eval.batch_size}: {eval_pipe.report}. Lower "
-                       "config.eval.batch_size or set config.eval.every=0.")
+      raise ValueError(f"Eval split {config.data.eval_split!r} is empty: "
+                       f"{eval_pipe.report}. Set config.eval.every=0 to skip evaluation.")
     logging.info("Eval data: %d batches; %s", len(eval_batches), eval_pipe.report)
 
   # -------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def test_objectives_select_records(data_dir):
   assert all(int(r["correct"]) == 1 for r in rft)
   with pytest.raises(FileNotFoundError, match="fcp_sft_pairs"):
     train.OBJECTIVES.build("sft", data_cfg, "train")
-  with pytest.raises(KeyError, match="Registered: fcp, rft, sft"):
+  with pytest.raises(KeyError, match="Registered: fcp, rft"):
     train.OBJECTIVES.build("cft", data_cfg, "train")
 
 

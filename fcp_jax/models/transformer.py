@@ -146,9 +146,14 @@ def from_config(model_config) -> TransformerConfig:
   """Builds a config from an experiment's ``config.model`` section.
 
   The section holds ``variant`` plus any ``TransformerConfig`` fields to override, e.g.
-  ``ConfigDict(dict(variant="small", weight_quant="absmean", scan_layers=True))``.
+  ``ConfigDict(dict(variant="small", weight_quant="absmean", scan_layers=True))``;
+  a field set to ``None`` keeps the variant's value (so configs can list overridable
+  fields while staying locked).
   """
-  fields = dict(model_config)
+  fields = {k: v for k, v in dict(model_config).items() if v is not None}  # None: keep
+  if "variant" not in fields:
+    raise KeyError(f"config.model needs a 'variant' (one of {sorted(VARIANTS)}); "
+                   f"it has {sorted(fields)}.")
   return get_variant(fields.pop("variant"), **fields)
 
 

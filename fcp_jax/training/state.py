@@ -34,15 +34,8 @@ class TrainState:
 
 
 def model_config(model_cfg: Mapping[str, Any]) -> transformer.TransformerConfig:
-  """``TransformerConfig`` of ``model_cfg.variant`` with the other keys as overrides.
-
-  Keys set to ``None`` keep the variant's value.
-  """
-  fields = {k: v for k, v in dict(model_cfg).items() if v is not None}
-  if "variant" not in fields:
-    raise KeyError(f"config.model needs a 'variant' (one of "
-                   f"{sorted(transformer.VARIANTS)}); it has {sorted(fields)}.")
-  return transformer.get_variant(fields.pop("variant"), **fields)
+  """``TransformerConfig`` of ``model_cfg.variant`` with the other keys as overrides."""
+  return transformer.from_config(model_cfg)
 
 
 def build_model(model_cfg: Mapping[str, Any]
