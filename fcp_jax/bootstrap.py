@@ -33,7 +33,6 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from absl import flags
 from absl import logging
 import jax
 import ml_collections
@@ -368,17 +367,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
 def main(argv: Sequence[str]) -> Dict[str, Any]:
   """``--config spec --workdir DIR [--config.k=v ...]``."""
-  config, rest = config_lib.config_from_argv(argv)
-  workdir = rest.pop("workdir", "")
-  if not workdir:
-    raise ValueError("Missing --workdir DIR.")
-  if rest:
-    raise ValueError(f"Unknown flags {sorted(rest)}; expected --config, --config.k=v "
-                     "and --workdir.")
-  flags.FLAGS.mark_as_parsed()
-  logging.use_absl_handler()
-  logging.set_verbosity(logging.INFO)
-  return run(config, workdir)
+  return config_lib.driver_main(argv, run)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ import ast
 import difflib
 import importlib.util
 import json
+import logging
 import os
-from typing import Any, Iterable, List, Sequence
+from typing import Any, Callable, Iterable, List, Sequence
 
 import ml_collections
 
@@ -180,3 +181,33 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> str:
     json.dump(to_dict(config), f, indent=2, sort_keys=True)
   os.replace(tmp, path)
   return path
+
+
+class _QuietLibraries(logging.Filter):
+  """Drops orbax's per-save INFO chatter from a run's log (warnings stay)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return (record.levelno >= logging.WARNING
+            or f"{os.sep}orbax{os.sep}" not in record.pathname)
+
+
+def driver_main(argv: Sequence[str], run: Callable[[Any, str], Any]) -> Any:
+  """The command line every driver shares: ``--config spec --workdir DIR [--config.k=v]``.
+
+  Parses and validates the flags, sets up absl logging (INFO), then calls
+  ``run(config, workdir)`` and returns its result.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  config, rest = config_from_argv(argv)
+  workdir = rest.pop("workdir", "")
+  if not workdir:
+    raise ValueError("Missing --workdir DIR.")
+  if rest:
+    raise ValueError(f"Unknown flags {sorted(rest)}; expected --config, --config.k=v "
+                     "and --workdir.")
+  flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags.
+  absl_logging.use_absl_handler()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  return run(config, workdir)

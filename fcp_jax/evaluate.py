@@ -28,7 +28,6 @@ import os
 import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from absl import flags
 from absl import logging
 import flax.linen as nn
 import jax
@@ -231,15 +230,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
 
 def main(argv: Sequence[str]) -> Dict[str, Any]:
   """``--config spec --workdir DIR [--config.k=v ...]``."""
-  config, rest = config_lib.config_from_argv(argv)
-  workdir = rest.pop("workdir", "")
-  if not workdir or rest:
-    raise ValueError(f"Expected --config, --config.k=v and --workdir; got {sorted(rest)}"
-                     + ("" if workdir else " and no --workdir"))
-  flags.FLAGS.mark_as_parsed()
-  logging.use_absl_handler()
-  logging.set_verbosity(logging.INFO)
-  return run(config, workdir)
+  return config_lib.driver_main(argv, run)
 
 
 if __name__ == "__main__":

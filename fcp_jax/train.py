@@ -17,13 +17,11 @@ bitwise the uninterrupted one. The run writes ``config.json``, ``metrics.jsonl``
 ``tb/``, ``checkpoints/`` and ``plots/`` under the workdir.
 """
 
-import logging as pylogging
 import os
 import sys
 import time
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
-from absl import flags
 from absl import logging
 import jax
 import ml_collections
@@ -270,28 +268,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   return summary
 
 
-class _QuietLibraries(pylogging.Filter):
-  """Drops orbax's per-save INFO chatter from the run's log (warnings stay)."""
-
-  def filter(self, record: pylogging.LogRecord) -> bool:
-    return (record.levelno >= pylogging.WARNING
-            or f"{os.sep}orbax{os.sep}" not in record.pathname)
-
-
 def main(argv: Sequence[str]) -> Dict[str, Any]:
   """``--config spec --workdir DIR [--config.k=v ...]``."""
-  config, rest = config_lib.config_from_argv(argv)
-  workdir = rest.pop("workdir", "")
-  if not workdir:
-    raise ValueError("Missing --workdir DIR.")
-  if rest:
-    raise ValueError(f"Unknown flags {sorted(rest)}; expected --config, --config.k=v "
-                     "and --workdir.")
-  flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags.
-  logging.use_absl_handler()
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  return run(config, workdir)
+  return config_lib.driver_main(argv, run)
 
 
 if __name__ == "__main__":
