@@ -119,12 +119,7 @@ def run_sweep(config_path: str, base_arg: str, sweep: Sequence[str], workdir: st
 
 def main(argv: Sequence[str]):
   rest, overrides = config_lib.split_overrides(list(argv))
-  opts, it = {}, iter(rest)
-  for a in it:
-    if not a.startswith("--"):
-      raise ValueError(f"Unexpected argument {a!r}; flags look like --name=value.")
-    name, eq, value = a[2:].partition("=")
-    opts[name] = value if eq else next(it, "")
+  opts = config_lib.parse_flags(rest)
   spec, workdir = opts.get("config", ""), opts.get("workdir", "")
   if not spec or not workdir:
     raise ValueError("Usage: sweep.py --config=path.py[:arg] --workdir=DIR "

@@ -149,18 +149,24 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return rest, overrides
 
 
+def parse_flags(args: Sequence[str]) -> dict:
+  """``["--a=1", "--b", "2"]`` -> ``{"a": "1", "b": "2"}``; anything else raises."""
+  flags, it = {}, iter(args)
+  for a in it:
+    if not a.startswith("--"):
+      raise ValueError(f"Unexpected argument {a!r}; flags look like --name=value.")
+    name, eq, value = a[2:].partition("=")
+    flags[name] = value if eq else next(it, "")
+  return flags
+
+
 def config_from_argv(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, dict]:
   """Parses a driver's command line: ``--config SPEC [--config.k=v ...] [--workdir D]``.
 
   Returns the locked config and a dict of the remaining ``--name=value`` flags.
   """
   rest, overrides = split_overrides(list(argv))
-  flags, it = {}, iter(rest)
-  for a in it:
-    if not a.startswith("--"):
-      raise ValueError(f"Unexpected argument {a!r}; flags look like --name=value.")
-    name, eq, value = a[2:].partition("=")
-    flags[name] = value if eq else next(it, "")
+  flags = parse_flags(rest)
   if "config" not in flags:
     raise ValueError("Missing --config path/to/config.py[:arg].")
   config = load_config(flags.pop("config"))
