@@ -124,10 +124,12 @@ def get_config(arg=None):
   config.kind = KIND
 
   # Prompts: train prompts feed the warm-up, the collection and the online rounds;
-  # eval prompts are held out (disjoint by question hash).
+  # eval prompts are held out (disjoint by question hash). ``direct_fraction`` of the
+  # warm-up references are answer-only (``#### n``, seeded per prompt): a second mode of
+  # behaviour that feedback can steer (guessing vs working it out).
   config.data = ml_collections.ConfigDict(dict(
       task=TASK, train_size=2000, eval_size=200, task_seed=arg.seed,
-      instruction="none", system=""))
+      instruction="none", system="", direct_fraction=0.0))
 
   # 1. SFT warm-up on reference solutions under the null condition <EF></EF>: kept short
   #    so the policy is only moderately accurate and feedback has something to teach.
@@ -185,16 +187,7 @@ def get_config(arg=None):
       config[name].checkpoint.every = 1
     config.eval.update(size=16, seeds=(0, 1), max_new_tokens=12, batch_size=16)
 
-  if arg.stage:
-    if arg.stage == "eval":
-      ev = ml_collections.ConfigDict(dict(
-          seed=config.seed, tokenizer=config.tokenizer, init_from="",
-          model=config.warmup.model, quant=config.warmup.quant, eval=config.eval))
-      return ev
-    if arg.stage not in ("warmup", "offline", "rft", "bootstrap", "grpo"):
-      raise ValueError(f"Unknown stage {arg.stage!r}.")
-    return config[arg.stage]
-  return config
+  return config_lib.pipeline_stage(config, arg.stage)
 
 
 def get_sweep(hyper=None):

@@ -70,6 +70,28 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return config
 
 
+PIPELINE_STAGES = ("warmup", "offline", "rft", "bootstrap", "grpo")
+
+
+def pipeline_stage(config: ml_collections.ConfigDict, stage: str
+                   ) -> ml_collections.ConfigDict:
+  """One stage's own config from an FCP pipeline config (the configs' ``stage`` arg).
+
+  ``""`` returns the pipeline config; ``warmup``, ``offline``, ``rft`` (configs of
+  ``fcp_jax.train``), ``bootstrap``, ``grpo`` (of ``fcp_jax.bootstrap``) their section;
+  ``eval`` a ``fcp_jax.evaluate`` config with the warm-up's model.
+  """
+  if not stage:
+    return config
+  if stage == "eval":
+    return ml_collections.ConfigDict(dict(
+        seed=config.seed, tokenizer=config.tokenizer, init_from="",
+        model=config.warmup.model, quant=config.warmup.quant, eval=config.eval))
+  if stage not in PIPELINE_STAGES:
+    raise ValueError(f"Unknown stage {stage!r}; known: eval, {', '.join(PIPELINE_STAGES)}.")
+  return config[stage]
+
+
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> List[str]:
   """All leaf keys of ``config`` as dotted paths."""
   keys = []

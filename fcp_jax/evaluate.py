@@ -50,8 +50,10 @@ POSITIVE = {
     "user": "Thanks, that looks right to me! Really helpful.",
     "critique": "The final answer is correct and every calculation checks out.",
 }
+# The negative texts are *fully* negative: wrong answer, careless and incomplete working
+# (the critic's wrong-slip and wrong-missing verdicts at once).
 NEGATIVE = {
-    "reviewer": "Incorrect and careless; arithmetically inaccurate overall.",
+    "reviewer": "Incorrect and careless; clearly missing essential work.",
     "user": "This is wrong, I can't use it at all.",
     "critique": "The final answer is wrong and a calculation along the way is wrong.",
 }

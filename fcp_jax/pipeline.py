@@ -6,6 +6,10 @@ or ``results = pipeline.run(config, workdir)``. Stages, each in its own subfolde
 workdir, each skipped on re-run once its ``stage_done.json`` exists (a stage that was
 interrupted resumes from its own checkpoints):
 
+0. ``base/`` (only with ``config.pretrained``, a ``checkpoints.PRETRAINED`` spec such
+   as ``"smollm2(pad_to_multiple=128)"``): the pretrained params as a checkpoint and its
+   tokenizer; the warm-up starts from it and every stage uses that tokenizer
+   (``""``, the default, trains from scratch with ``config.tokenizer``);
 1. ``data/``: train and held-out eval prompts of ``config.data.task``;
 2. ``warmup/``: SFT on reference solutions under the null condition ``<EF></EF>``;
 3. ``collect/``: ``k`` samples per prompt from the warm-up (T=1, null condition),
@@ -55,35 +59,13 @@ from fcp_jax.training import step as step_lib
 
 DONE = "stage_done.json"
 TFDS_DIR = "tfds"
+BASE = "base"  # Stage folder of the pretrained model (``config.pretrained``).
+# Config sections that are run configs of their own (each has ``tokenizer``).
+TRAINING_STAGES = ("warmup", "offline", "bootstrap", "rft", "grpo")
 # Method -> (stage folder holding its final params, condition it is meant to be used with).
 METHOD_STAGES = {"warmup": ("warmup", "null"), "offline_fcp": ("offline_fcp", "pool"),
                  "fcp_bootstrap": ("fcp_bootstrap", "pool"), "rft": ("rft", "null"),
                  "grpo": ("grpo", "null")}
-
-
-# ---------------------------------------------------------------------------------------
-# Offline objectives the pipeline adds to ``train.OBJECTIVES``: the warm-up and RFT train
-# under the null condition <EF></EF>, so the EF tokens are seen before FCP.
-# ---------------------------------------------------------------------------------------
-
-
-def _register_objective(name: str, fn: Callable):
-  if name not in train_lib.OBJECTIVES:
-    train_lib.OBJECTIVES.register(name)(fn)
-
-
-def sft_null_records(data_cfg: Mapping[str, Any], split: str):
-  """SFT pairs trained as ``<EF></EF>question -> reference``."""
-  return train_lib.sft_records(data_cfg, split)[0], "null"
-
-
-def rft_null_records(data_cfg: Mapping[str, Any], split: str):
-  """Correct samples only, trained as ``<EF></EF>question -> response``."""
-  return train_lib.rft_records(data_cfg, split)[0], "null"
-
-
-_register_objective("sft_null", sft_null_records)
-_register_objective("rft_null", rft_null_records)
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,6 +118,19 @@ def _write_json(path: str, obj: Any):
   with open(tmp, "w") as f:
     json.dump(_jsonable(obj), f, indent=2)
   os.replace(tmp, path)
+
+
+def with_pretrained_base(config: ml_collections.ConfigDict, base_dir: str
+                         ) -> ml_collections.ConfigDict:
+  """The pipeline config with the warm-up's ``init_from`` and every ``tokenizer`` at
+  ``base_dir`` (the ``base/`` stage folder: params checkpoint + ``tokenizer.json``)."""
+  if config.warmup.init_from:
+    raise ValueError(f"config.pretrained={config.pretrained!r} and config.warmup."
+                     f"init_from={config.warmup.init_from!r} are both set; keep one.")
+  tok = os.path.join(base_dir, train_lib.TOKENIZER_FILE)
+  updates = {"tokenizer": tok, "warmup.init_from": base_dir}
+  updates.update({f"{name}.tokenizer": tok for name in TRAINING_STAGES if name in config})
+  return stage_config(config, **updates)
 
 
 def stage_config(cfg: ml_collections.ConfigDict, **updates) -> ml_collections.ConfigDict:
@@ -276,8 +271,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   seed = int(config.seed)
   data = config.data
   system = data.system or None
-  policy = Policy(config)
   kind = config.kind
+
+  # -------------------------------------------------------------------------------------
+  # 0. Pretrained base (``config.pretrained``): imported once as a checkpoint + tokenizer;
+  #    the warm-up starts from it and every stage uses its tokenizer.
+  # -------------------------------------------------------------------------------------
+  if config.get("pretrained"):
+    stages.run(BASE, lambda folder: train_lib.write_pretrained_base(
+        config.pretrained, config.warmup.model, folder))
+    config = with_pretrained_base(config, os.path.abspath(stages.path(BASE)))
+  policy = Policy(config)
 
   # -------------------------------------------------------------------------------------
   # 1. Prompts.
@@ -304,8 +308,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   # 2. SFT warm-up under the null condition.
   # -------------------------------------------------------------------------------------
   def warmup(folder):
+    direct = np.random.default_rng([seed, 11]).random(len(train_examples)) < (
+        data.direct_fraction)  # [N] answer-only references
     pairs = [dict(uid=e.uid, question=tasks_lib.format_question(e, data.instruction),
-                  response=tasks_lib.reference_response(e)) for e in train_examples]
+                  response=tasks_lib.reference_response(e, direct=bool(d)))
+             for e, d in zip(train_examples, direct)]
     build_dataset(tfds_builders.SFT, split_records(pairs, 0.05, seed), tfds_dir,
                   config.warmup.data.name)
     cfg = stage_config(config.warmup, **{"data.data_dir": tfds_dir})

@@ -9,18 +9,27 @@ Objectives (``OBJECTIVES``) differ only in the data they feed the same NLL:
 
 * ``fcp``: feedback triples, trained as ``log π(response | <EF>c</EF> question)``;
 * ``rft``: the triples whose response is correct, trained without a condition;
-* ``sft``: (question, reference response) pairs, without a condition.
+* ``sft``: (question, reference response) pairs, without a condition;
+* ``sft_null``, ``rft_null``: as ``sft`` and ``rft`` under the null condition
+  ``<EF></EF>`` (the FCP pipeline's warm-up and RFT baseline, so the EF tokens are seen
+  before FCP).
 
 Re-running the same command resumes from the newest complete checkpoint in
 ``DIR/checkpoints`` (model, optimizer and data-iterator state), so the finished run is
 bitwise the uninterrupted one. The run writes ``config.json``, ``metrics.jsonl``,
 ``tb/``, ``checkpoints/`` and ``plots/`` under the workdir.
+
+A fresh run starts from ``config.init_from``'s params when set: another run's workdir,
+or a pretrained model written once by ``write_pretrained_base`` (whose folder is also a
+valid ``config.tokenizer``). A ternary model started from a float checkpoint gets the
+ternary-only params it lacks (extra-RMSNorm gains, ...) from their initialisers, and
+says so in the log; any other missing parameter is an error.
 """
 
 import os
 import sys
 import time
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
 from absl import logging
 import jax
@@ -36,6 +45,7 @@ from fcp_jax.training import checkpoint as checkpoint_lib
 from fcp_jax.training import losses as losses_lib
 from fcp_jax.training import metrics as metrics_lib
 from fcp_jax.training import sharding as sharding_lib
+from fcp_jax.training import state as state_lib
 from fcp_jax.training import step as step_lib
 
 OBJECTIVES = Registry("offline objective")
@@ -43,6 +53,7 @@ OBJECTIVES = Registry("offline objective")
 # a test can SIGKILL it at a known point while the command line stays the same.
 HANG_ENV = "FCP_JAX_DEBUG_HANG_AT_STEP"
 TOKENIZERS = {"char": tokenizer_lib.CharTokenizer}
+TOKENIZER_FILE = "tokenizer.json"
 
 
 # ---------------------------------------------------------------------------------------
@@ -75,14 +86,94 @@ def sft_records(data_cfg: Mapping[str, Any], split: str) -> Tuple[Sequence[Any],
                                    data_cfg["name"], split), "none"
 
 
+@OBJECTIVES.register("sft_null")
+def sft_null_records(data_cfg: Mapping[str, Any], split: str
+                     ) -> Tuple[Sequence[Any], str]:
+  """SFT pairs under the null condition: ``<EF></EF>question -> reference``."""
+  return sft_records(data_cfg, split)[0], "null"
+
+
+@OBJECTIVES.register("rft_null")
+def rft_null_records(data_cfg: Mapping[str, Any], split: str
+                     ) -> Tuple[Sequence[Any], str]:
+  """Correct triples under the null condition: ``<EF></EF>question -> response``."""
+  return rft_records(data_cfg, split)[0], "null"
+
+
 def build_tokenizer(spec: str):
-  """``"char"`` or the path of a Hugging Face ``tokenizer.json``."""
+  """``"char"``, a Hugging Face ``tokenizer.json``, or a folder holding one.
+
+  A folder is e.g. the FCP pipeline's ``base/`` stage, which writes the pretrained
+  model's tokenizer (with ``<EF>``, ``</EF>``) beside its params.
+  """
   if spec in TOKENIZERS:
     return TOKENIZERS[spec]()
-  if not os.path.exists(spec):
+  path = spec
+  if os.path.isdir(spec):
+    path = os.path.join(spec, TOKENIZER_FILE)
+  if not os.path.isfile(path):
     raise FileNotFoundError(f"config.tokenizer={spec!r} is neither one of "
-                            f"{sorted(TOKENIZERS)} nor an existing tokenizer file.")
-  return tokenizer_lib.HFTokenizer(spec)
+                            f"{sorted(TOKENIZERS)} nor an existing tokenizer file (or "
+                            f"a folder holding {TOKENIZER_FILE}).")
+  return tokenizer_lib.HFTokenizer(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Starting points: a pretrained model written once as a checkpoint, and init_from.
+# ---------------------------------------------------------------------------------------
+
+
+def write_pretrained_base(spec: str, model_config: Mapping[str, Any],
+                          folder: str) -> Dict[str, Any]:
+  """Loads ``checkpoints.PRETRAINED`` model ``spec`` and writes it as a run ``folder``.
+
+  The params go to ``folder/checkpoints`` (``checkpoint.save_params``), read by
+  ``init_from=folder``; the tokenizer (``<EF>``, ``</EF>``, ChatML tokens) to
+  ``folder/tokenizer.json``, read by ``tokenizer=folder``. The layout (``scan_layers``)
+  and parameter dtype follow ``model_config`` (a ``config.model`` section), and its
+  architecture must equal the loaded model's, padded vocabulary included.
+
+  Returns:
+    A record of what was written (source, sizes, added tokens, paths).
+  """
+  from fcp_jax.models import checkpoints  # pylint: disable=g-import-not-at-top
+  model_cfg = state_lib.model_config(model_config)
+  base = checkpoints.PRETRAINED.build(spec, scan_layers=model_cfg.scan_layers,
+                                      dtype=model_cfg.param_dtype)
+  checkpoints.check_architecture(
+      base.cfg, model_cfg, loaded_name=f"pretrained {spec!r} ({base.source})",
+      expected_name=f"config.model (variant {model_config['variant']!r})")
+  check_vocab(base.tokenizer, model_cfg)
+  os.makedirs(folder, exist_ok=True)
+  tokenizer_path = os.path.join(folder, TOKENIZER_FILE)
+  base.tokenizer.save(tokenizer_path)
+  checkpoint_dir = checkpoint_lib.save_params(folder, base.params)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(base.params))
+  logging.info("Pretrained %s: %s, %d params, vocabulary %d (tokenizer %d, added %s).",
+               spec, base.source, num_params, base.cfg.vocab_size,
+               base.tokenizer.vocab_size, list(base.tokenizer.added_tokens))
+  return dict(pretrained=spec, source=base.source, num_params=num_params,
+              vocab_size=base.cfg.vocab_size,
+              tokenizer_vocab_size=base.tokenizer.vocab_size,
+              added_tokens=list(base.tokenizer.added_tokens), tokenizer=tokenizer_path,
+              checkpoints=checkpoint_dir)
+
+
+def fill_quant_params_fn(model) -> Callable[[Any], Any]:
+  """``init_from``'s ``fill_missing``: ternary-only params from their initialisers.
+
+  A float checkpoint (e.g. a pretrained base) read by a ternary model lacks the
+  extra-RMSNorm gains (init 1) and the quantizers' own params, which are initialised
+  by ``ternary.fill_quant_params`` from the loaded kernels (SEQ's ``max|W|``, DLT's
+  scale), exactly as a fresh init would from those kernels.
+  """
+  from fcp_jax.models import ternary  # pylint: disable=g-import-not-at-top
+
+  def fill(params):
+    return ternary.fill_quant_params(
+        model, params, np.zeros((1, state_lib.INIT_SEQ_LEN), np.int32))
+
+  return fill
 
 
 def make_pipeline(config: ml_collections.ConfigDict, tok, split: str, *, batch_size: int,
@@ -199,7 +290,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     state = tr.create_state(jax.random.PRNGKey(config.seed))
     if config.init_from:
       state = state.replace(params=checkpoint_lib.restore_params(
-          config.init_from, tr.abstract_state.params))
+          config.init_from, tr.abstract_state.params,
+          fill_missing=fill_quant_params_fn(tr.model)))
   start_step = int(jax.device_get(state.step))
 
   # -------------------------------------------------------------------------------------

@@ -38,6 +38,17 @@ def test_every_config_builds_with_runlocal_and_inits_abstractly(path):
     assert jax.tree.leaves(shapes)
 
 
+@pytest.mark.parametrize("path", ["configs/arith_fcp.py", "configs/gsm8k_smollm2.py"])
+def test_pipeline_configs_give_each_stage_config(path):
+  full = config_lib.load_config(f"{path}:runlocal")
+  for stage in config_lib.PIPELINE_STAGES:
+    assert config_lib.load_config(f"{path}:runlocal,stage={stage}") == full[stage]
+  ev = config_lib.load_config(f"{path}:runlocal,stage=eval")
+  assert ev.eval == full.eval and ev.model == full.warmup.model and ev.init_from == ""
+  with pytest.raises(ValueError, match="Unknown stage 'colect'; known: eval"):
+    config_lib.load_config(f"{path}:stage=colect")
+
+
 def test_overrides_types_and_nearest_keys(tmp_path):
   cfg_file = tmp_path / "c.py"
   cfg_file.write_text(

@@ -63,6 +63,8 @@ def test_exact_steps_of_an_expression():
   assert [s.text for s in steps] == ["2+3=5", "5*4=20", "-6/3=-2", "20-(-2)=22"]
   ex = Example(uid="u", question="q", answer="22", steps=steps)
   assert tasks.reference_response(ex) == "2+3=5\n5*4=20\n-6/3=-2\n20-(-2)=22\n#### 22"
+  assert tasks.reference_response(ex, direct=True) == "#### 22"
+  assert tasks.check_answer(ex, tasks.reference_response(ex, direct=True))
 
 
 def test_unknown_task_and_bad_knobs():

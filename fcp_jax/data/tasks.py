@@ -113,12 +113,16 @@ def format_question(example: Example, style: str = "marker") -> str:
   return f"{example.question}\n{instruction}" if instruction else example.question
 
 
-def reference_response(example: Example) -> str:
-  """Compact reference chain of thought: one ``a op b=c`` step a line, then the marker."""
+def reference_response(example: Example, *, direct: bool = False) -> str:
+  """Compact reference chain of thought: one ``a op b=c`` step a line, then the marker.
+
+  With ``direct`` only the final-answer line (``#### <answer>``), as in answer-only
+  references.
+  """
   if example.answer is None:
     raise ValueError(f"Example {example.uid!r} has no reference answer.")
-  lines = [s.text for s in example.steps] + [f"{ANSWER_MARKER} {example.answer}"]
-  return "\n".join(lines)
+  steps = [] if direct else [s.text for s in example.steps]
+  return "\n".join(steps + [f"{ANSWER_MARKER} {example.answer}"])
 
 
 # ---------------------------------------------------------------------------------------

@@ -19,23 +19,31 @@ One orbax step directory holds, through ``ocp.args.Composite``:
 
 A step that was being written when the process died has no commit marker and is
 ignored by ``latest_step``; orbax cleans it on the next save. ``restore_params`` reads
-only the parameters of another run (``config.init_from``).
+only the parameters of another run (``config.init_from``); ``save_params`` writes a
+params-only checkpoint it can read (e.g. a pretrained model imported once). Parameters
+the model has and the checkpoint lacks are an error, except the ternary-only ones
+(``ternary.QUANT_PARAM_NAMES``: extra-RMSNorm gains, learned scales), which a caller's
+``fill_missing`` initialises when a float checkpoint starts a ternary model.
 """
 
 import base64
 import dataclasses
 import json
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 from etils import epath
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from fcp_jax.models import ternary
 
 STATE = "state"
 DATA = "data"
 RESERVED = (STATE, DATA)
+Path = Tuple[str, ...]  # A parameter's keys, e.g. ("layers", "attn", "q_proj", "kernel").
 
 
 class IteratorStateHandler(ocp.CheckpointHandler):
@@ -176,25 +184,107 @@ def resolve_checkpoint_dir(path: str) -> str:
   return sub if os.path.isdir(sub) else path
 
 
-def restore_params(path: str, abstract_params: Any, step: Optional[int] = None) -> Any:
+def _fmt(path: Path) -> str:
+  return "/".join(path)
+
+
+def _leaves(tree: Any, prefix: Path = ()) -> Dict[Path, Any]:
+  """``{path: leaf}`` of a tree of nested mappings (any leaf type)."""
+  if isinstance(tree, Mapping):
+    out = {}
+    for k, v in tree.items():
+      out.update(_leaves(v, prefix + (str(k),)))
+    return out
+  return {prefix: tree}
+
+
+def _without(tree: Mapping[str, Any], drop: Sequence[Path]) -> Dict[str, Any]:
+  """A copy of nested mappings ``tree`` without the leaves at ``drop``."""
+  drop_here = {p[0] for p in drop if len(p) == 1}
+  out = {}
+  for k, v in tree.items():
+    if k in drop_here:
+      continue
+    below = [p[1:] for p in drop if len(p) > 1 and p[0] == k]
+    out[k] = _without(v, below) if below else v
+  return out
+
+
+def save_params(path: str, params: Any, step: int = 0) -> str:
+  """Writes ``params`` as run ``path``'s checkpoint ``step`` (read by ``restore_params``).
+
+  The layout is that of a training run (``path/checkpoints/<step>/state/params``), so
+  ``config.init_from=path`` starts a run from these parameters. Returns the
+  checkpoints directory.
+  """
+  ckpt = Checkpointer(os.path.join(path, "checkpoints"), every=0, keep=1,
+                      async_save=False)
+  try:
+    ckpt.save(step, {"params": params}, force=True)
+  finally:
+    ckpt.close()
+  return ckpt.directory
+
+
+def _stored_params(manager: ocp.CheckpointManager, step: int, directory: str
+                   ) -> Dict[Path, Any]:
+  """``{path: ArrayMetadata}`` of the params stored in checkpoint ``step``."""
+  meta = manager.item_metadata(step)
+  tree = getattr(meta[STATE], "tree", None) if meta is not None else None
+  if not isinstance(tree, Mapping) or "params" not in tree:
+    raise ValueError(f"init_from: checkpoint {step} in {directory!r} holds no 'params' "
+                     "(not a training run's checkpoint?).")
+  return _leaves(tree["params"])
+
+
+def restore_params(path: str, abstract_params: Any, step: Optional[int] = None, *,
+                   fill_missing: Optional[Callable[[Any], Any]] = None) -> Any:
   """Only the parameters of another run's checkpoint (``init_from``).
 
   Args:
     path: the other run's workdir or checkpoints directory; ``path:STEP`` picks a step.
     abstract_params: ``ShapeDtypeStruct`` tree (with shardings) of this model's params.
     step: the step to read (default: ``STEP`` from the path, else the latest).
+    fill_missing: ``params -> params`` completing a tree that lacks only ternary-only
+      parameters (``ternary.QUANT_PARAM_NAMES``), e.g. ``ternary.fill_quant_params``
+      when a float checkpoint starts an extra-RMSNorm ternary model. Its output is
+      placed with ``abstract_params``' shardings.
+
+  Raises:
+    FileNotFoundError: no such directory or no complete checkpoint in it.
+    ValueError: a parameter's stored shape differs from the model's, or the model has
+      parameters the checkpoint lacks (other than ternary-only ones with
+      ``fill_missing``). Parameters the checkpoint has and the model lacks (a ternary
+      checkpoint read by a float model) are ignored.
   """
   if step is None and ":" in path and path.rsplit(":", 1)[1].isdigit():
     path, step = path.rsplit(":", 1)[0], int(path.rsplit(":", 1)[1])
   directory = resolve_checkpoint_dir(path)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"init_from: checkpoint directory {directory!r} not found.")
-  manager = ocp.CheckpointManager(os.path.abspath(directory))
+  manager = ocp.CheckpointManager(os.path.abspath(directory),
+                                  item_handlers={STATE: ocp.PyTreeCheckpointHandler()})
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"init_from: no complete checkpoint in {directory!r}.")
-    target = {"params": abstract_params}
+    stored = _stored_params(manager, step, directory)
+    wanted = _leaves(abstract_params)
+    bad = [f"{_fmt(p)}: checkpoint {tuple(stored[p].shape)}, model {tuple(w.shape)}"
+           for p, w in wanted.items()
+           if p in stored and tuple(stored[p].shape) != tuple(w.shape)]
+    if bad:
+      raise ValueError(f"init_from: {len(bad)} parameter shapes of {directory!r} (step "
+                       f"{step}) differ from the model's: {bad[:6]}.")
+    missing = sorted(p for p in wanted if p not in stored)
+    others = [_fmt(p) for p in missing if p[-1] not in ternary.QUANT_PARAM_NAMES]
+    if others or (missing and fill_missing is None):
+      raise ValueError(
+          f"init_from: checkpoint {directory!r} (step {step}) lacks {len(missing)} "
+          f"parameters of the model, e.g. {(others or [_fmt(p) for p in missing])[:6]}"
+          + ("" if others else "; these are ternary-only parameters, which a caller "
+             "fills with fill_missing (e.g. ternary.fill_quant_params)") + ".")
+    target = {"params": _without(abstract_params, missing)}
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     out = manager.restore(step, args=ocp.args.Composite(**{
         STATE: ocp.args.PyTreeRestore(item=target, restore_args=restore_args,
@@ -202,4 +292,18 @@ def restore_params(path: str, abstract_params: Any, step: Optional[int] = None) 
   finally:
     manager.close()
   logging.info("init_from: read params of step %d from %s.", step, directory)
-  return out[STATE]["params"]
+  params = out[STATE]["params"]
+  if not missing:
+    return params
+  params = fill_missing(params)
+  filled = _leaves(params)
+  if set(filled) != set(wanted):
+    raise ValueError(f"init_from: fill_missing returned a different tree; differs at "
+                     f"{[_fmt(p) for p in sorted(set(filled) ^ set(wanted))][:6]}.")
+  params = jax.tree.map(
+      lambda x, a: jax.device_put(jnp.asarray(x, a.dtype), getattr(a, "sharding", None)),
+      params, abstract_params)
+  logging.info("init_from: %d parameters absent from the checkpoint were initialised "
+               "by fill_missing (ternary-only: %s).", len(missing),
+               sorted({p[-1] for p in missing}))
+  return params
