@@ -70,6 +70,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return config
 
 
+# Sections of an FCP pipeline config that are run configs of their own.
 PIPELINE_STAGES = ("warmup", "offline", "rft", "bootstrap", "grpo")
 
 

@@ -60,8 +60,6 @@ from fcp_jax.training import step as step_lib
 DONE = "stage_done.json"
 TFDS_DIR = "tfds"
 BASE = "base"  # Stage folder of the pretrained model (``config.pretrained``).
-# Config sections that are run configs of their own (each has ``tokenizer``).
-TRAINING_STAGES = ("warmup", "offline", "bootstrap", "rft", "grpo")
 # Method -> (stage folder holding its final params, condition it is meant to be used with).
 METHOD_STAGES = {"warmup": ("warmup", "null"), "offline_fcp": ("offline_fcp", "pool"),
                  "fcp_bootstrap": ("fcp_bootstrap", "pool"), "rft": ("rft", "null"),
@@ -129,7 +127,8 @@ def with_pretrained_base(config: ml_collections.ConfigDict, base_dir: str
                      f"init_from={config.warmup.init_from!r} are both set; keep one.")
   tok = os.path.join(base_dir, train_lib.TOKENIZER_FILE)
   updates = {"tokenizer": tok, "warmup.init_from": base_dir}
-  updates.update({f"{name}.tokenizer": tok for name in TRAINING_STAGES if name in config})
+  updates.update({f"{name}.tokenizer": tok for name in config_lib.PIPELINE_STAGES
+                  if name in config})
   return stage_config(config, **updates)
 
 
