@@ -126,14 +126,15 @@ def get_config(arg=None):
   # Prompts: train prompts feed the warm-up, the collection and the online rounds;
   # eval prompts are held out (disjoint by question hash). ``direct_fraction`` of the
   # warm-up references are answer-only (``#### n``, seeded per prompt): a second mode of
-  # behaviour that feedback can steer (guessing vs working it out).
+  # behaviour that feedback can steer (guessing vs working it out). ``warmup_conditions``
+  # of the warm-up rows carry a random feedback text (``pipeline.warmup_records``).
   config.data = ml_collections.ConfigDict(dict(
       task=TASK, train_size=2000, eval_size=200, task_seed=arg.seed,
-      instruction="none", system="", direct_fraction=0.0))
+      instruction="none", system="", direct_fraction=0.0, warmup_conditions=0.0))
 
   # 1. SFT warm-up on reference solutions under the null condition <EF></EF>: kept short
   #    so the policy is only moderately accurate and feedback has something to teach.
-  config.warmup = _offline(arg, objective="sft_null", steps=200, batch=32, lr=3e-3,
+  config.warmup = _offline(arg, objective="warmup", steps=200, batch=32, lr=3e-3,
                            max_len=64, data_name="sft")
   if arg.ternary:
     config.warmup.quant.lambda_ramp = 60
@@ -171,7 +172,10 @@ def get_config(arg=None):
   config.methods = ("warmup", "offline_fcp", "fcp_bootstrap", "rft", "grpo")
 
   if arg.runlocal:
-    config.data.update(train_size=96, eval_size=32)
+    # Answer-only references and random warm-up conditions on, so tests cover them.
+    config.data.update(train_size=96, eval_size=32, direct_fraction=0.25,
+                       warmup_conditions=0.25)
+    config.warmup.data.max_len = 128  # Room for a condition.
     for name in ("warmup", "offline", "rft"):
       stage = config[name]
       stage.update(total_steps=6, batch_size=8, log_every=3)

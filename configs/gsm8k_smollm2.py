@@ -191,14 +191,14 @@ def get_config(arg=None):
   # Prompts: all of GSM8K train (warm-up, collection, online rounds) and test (eval).
   config.data = ml_collections.ConfigDict(dict(
       task=TASK, train_size=train_size, eval_size=test_size, task_seed=task_seed,
-      instruction=instruction, system=system, direct_fraction=0.0))
+      instruction=instruction, system=system, direct_fraction=0.0, warmup_conditions=0.0))
 
   # 1. SFT warm-up on the compact reference solutions under <EF></EF>: one epoch.
   #    Ternary: the QAT fine-tune to 1.58 bits happens here, over 4 epochs at a higher
   #    LR, λ ramped 0 -> 1 layer by layer (layer l starts 3 l steps later) over the
   #    first ~40% of the steps (HF "warmup quantization", extra-RMSNorm's gradual
   #    layer-wise schedule).
-  config.warmup = _offline(arg, objective="sft_null", steps=120, batch=64, lr=1e-4,
+  config.warmup = _offline(arg, objective="warmup", steps=120, batch=64, lr=1e-4,
                            max_len=384, data_name="sft", system=system)
   if quantized:
     config.warmup.total_steps = 480

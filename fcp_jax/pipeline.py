@@ -11,7 +11,10 @@ interrupted resumes from its own checkpoints):
    tokenizer; the warm-up starts from it and every stage uses that tokenizer
    (``""``, the default, trains from scratch with ``config.tokenizer``);
 1. ``data/``: train and held-out eval prompts of ``config.data.task``;
-2. ``warmup/``: SFT on reference solutions under the null condition ``<EF></EF>``;
+2. ``warmup/``: SFT on reference solutions under the null condition ``<EF></EF>``
+   (``data.direct_fraction`` of them answer-only; ``data.warmup_conditions`` of the rows
+   under a feedback text drawn at random from ``condition_bank``, independent of the
+   response, so the policy has seen feedback text before FCP gives it a meaning);
 3. ``collect/``: ``k`` samples per prompt from the warm-up (T=1, null condition),
    feedback from the cached env, prompts with mixed outcomes only, ``pairs`` correct and
    ``pairs`` incorrect responses each → the triples dataset and the positive pool
@@ -59,6 +62,7 @@ from fcp_jax.training import step as step_lib
 
 DONE = "stage_done.json"
 TFDS_DIR = "tfds"
+BANK_PROMPTS = 1024  # Prompts whose made-up responses give the warm-up's condition bank.
 BASE = "base"  # Stage folder of the pretrained model (``config.pretrained``).
 # Method -> (stage folder holding its final params, condition it is meant to be used with).
 METHOD_STAGES = {"warmup": ("warmup", "null"), "offline_fcp": ("offline_fcp", "pool"),
@@ -197,6 +201,54 @@ def sample_with_feedback(policy: Policy, params: Any, examples: Sequence[tasks_l
   return out_rows
 
 
+def warmup_records(examples: Sequence[tasks_lib.Example], *, instruction: str, kind: str,
+                   seed: int, direct_fraction: float = 0.0, condition_fraction: float = 0.0,
+                   bank: Sequence[str] = ()) -> List[Dict[str, Any]]:
+  """The warm-up's rows (triples format): reference responses and their conditions.
+
+  ``direct_fraction`` of the references are answer-only (``#### n``); the condition is
+  null (``""``, i.e. ``<EF></EF>``) except for ``condition_fraction`` of the rows, which
+  get a text of ``bank`` drawn at random. Both draws are seeded per position and
+  independent of each other.
+  """
+  if condition_fraction > 0 and not bank:
+    raise ValueError("condition_fraction > 0 needs a non-empty condition bank.")
+  n = len(examples)
+  direct = np.random.default_rng([seed, 11]).random(n) < direct_fraction  # [N]
+  rng = np.random.default_rng([seed, 12])
+  conditions = [bank[rng.integers(len(bank))] if use else ""
+                for use in rng.random(n) < condition_fraction]  # [N]
+  return [dict(uid=e.uid, question=tasks_lib.format_question(e, instruction),
+               response=tasks_lib.reference_response(e, direct=bool(d)), feedback=c,
+               kind=kind, score=None, correct=None)
+          for e, d, c in zip(examples, direct, conditions)]
+
+
+def condition_bank(env, examples: Sequence[tasks_lib.Example], *, kind: str, seed: int
+                   ) -> List[str]:
+  """Distinct feedback texts of ``kind`` that ``env`` gives on made-up responses.
+
+  Each example gets one response drawn from four: its reference chain or bare answer,
+  right or ending wrong (``tasks.wrong_response``), so the bank holds the env's positive
+  and negative wording alike. The warm-up shows these texts at random (independent of
+  the response it trains on): the policy learns to read past feedback text in the
+  condition slot, as a pretrained model would, without learning what it means.
+  """
+  rng = np.random.default_rng([seed, 13])
+  queries = []
+  for e in examples:
+    direct, wrong = bool(rng.integers(2)), bool(rng.integers(2))
+    response = (tasks_lib.wrong_response(e, int(rng.choice([-2, -1, 1, 2])),
+                                         direct=direct) if wrong
+                else tasks_lib.reference_response(e, direct=direct))
+    queries.append((e, response))
+  bank = sorted({fb.condition(kind) for fb in env.feedback(queries)} - {""})
+  if not bank:
+    raise RuntimeError(f"The feedback env gave no {kind!r} text on {len(queries)} "
+                       "responses; cannot build the warm-up condition bank.")
+  return bank
+
+
 def is_plain(text: str) -> bool:
   """Whether a sampled text is storable as a text record: non-empty, no special token."""
   return bool(text.strip()) and not any(t in text for t in tokenizer_lib.SPECIAL_TOKENS)
@@ -307,12 +359,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   # 2. SFT warm-up under the null condition.
   # -------------------------------------------------------------------------------------
   def warmup(folder):
-    direct = np.random.default_rng([seed, 11]).random(len(train_examples)) < (
-        data.direct_fraction)  # [N] answer-only references
-    pairs = [dict(uid=e.uid, question=tasks_lib.format_question(e, data.instruction),
-                  response=tasks_lib.reference_response(e, direct=bool(d)))
-             for e, d in zip(train_examples, direct)]
-    build_dataset(tfds_builders.SFT, split_records(pairs, 0.05, seed), tfds_dir,
+    bank = []
+    if data.warmup_conditions > 0:
+      env = bootstrap_lib.build_feedback_env(config.feedback, folder)
+      bank = condition_bank(env, train_examples[:BANK_PROMPTS], kind=kind, seed=seed)
+    records = warmup_records(train_examples, instruction=data.instruction, kind=kind,
+                             seed=seed, direct_fraction=data.direct_fraction,
+                             condition_fraction=data.warmup_conditions, bank=bank)
+    build_dataset(tfds_builders.TRIPLES, split_records(records, 0.05, seed), tfds_dir,
                   config.warmup.data.name)
     cfg = stage_config(config.warmup, **{"data.data_dir": tfds_dir})
     return train_lib.run(cfg, folder)

@@ -11,8 +11,9 @@ Objectives (``OBJECTIVES``) differ only in the data they feed the same NLL:
 * ``rft``: the triples whose response is correct, trained without a condition;
 * ``sft``: (question, reference response) pairs, without a condition;
 * ``sft_null``, ``rft_null``: as ``sft`` and ``rft`` under the null condition
-  ``<EF></EF>`` (the FCP pipeline's warm-up and RFT baseline, so the EF tokens are seen
-  before FCP).
+  ``<EF></EF>`` (``rft_null`` is the FCP pipeline's RFT baseline);
+* ``warmup``: the FCP pipeline's warm-up rows (triples format: reference responses under
+  the null condition, some under a feedback text drawn at random).
 
 Re-running the same command resumes from the newest complete checkpoint in
 ``DIR/checkpoints`` (model, optimizer and data-iterator state), so the finished run is
@@ -91,6 +92,17 @@ def sft_null_records(data_cfg: Mapping[str, Any], split: str
                      ) -> Tuple[Sequence[Any], str]:
   """SFT pairs under the null condition: ``<EF></EF>question -> reference``."""
   return sft_records(data_cfg, split)[0], "null"
+
+
+@OBJECTIVES.register("warmup")
+def warmup_records(data_cfg: Mapping[str, Any], split: str
+                   ) -> Tuple[Sequence[Any], str]:
+  """The pipeline's warm-up rows (triples format) under their own condition.
+
+  That is the null condition ``""`` or, for ``data.warmup_conditions`` of them, a
+  feedback text drawn at random, independent of the reference response.
+  """
+  return fcp_records(data_cfg, split)[0], "record"
 
 
 @OBJECTIVES.register("rft_null")

@@ -8,9 +8,11 @@ import time
 import numpy as np
 import pytest
 
+from fcp_jax import bootstrap
 from fcp_jax import config_lib
 from fcp_jax import pipeline
 from fcp_jax.data import tasks
+from fcp_jax.data import tfds_builders
 from fcp_jax.feedback.base import Feedback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +44,52 @@ def test_select_pairs_keeps_mixed_prompts_one_right_one_wrong():
   kept2, _ = pipeline.select_pairs(rows, 4, pairs=2, seed=0)
   # Only one distinct wrong response exists for "a": duplicates are not picked twice.
   assert sorted(r["response"] for r in kept2) == ["bad", "ok1", "ok2"]
+
+
+def _chain_sum(size):
+  return tasks.TASKS.build("chain_sum(min_terms=2, max_terms=3, compact=True)",
+                           split="train", size=size, seed=0)
+
+
+def test_condition_bank_holds_positive_and_negative_feedback(tmp_path):
+  env = bootstrap.build_feedback_env("critic(noise=0.0, seed=0)", str(tmp_path))
+  examples = _chain_sum(64)
+  bank = pipeline.condition_bank(env, examples, kind="reviewer", seed=0)
+  assert bank == sorted(set(bank)) and "" not in bank
+  assert bank == pipeline.condition_bank(env, examples, kind="reviewer", seed=0)
+  scores = {}
+  with open(tmp_path / bootstrap.FEEDBACK_CACHE) as f:
+    records = [json.loads(line) for line in f]
+  assert len(records) == len(examples)
+  for rec in records:
+    scores.setdefault(rec["feedback"]["reviewer"], set()).add(rec["feedback"]["score"])
+  assert set(scores) == set(bank)
+  all_scores = set().union(*scores.values())
+  assert 10 in all_scores and min(all_scores) <= 4  # Clean-correct and wrong verdicts.
+
+
+def test_warmup_records_draw_direct_references_and_conditions_independently():
+  examples = _chain_sum(400)
+  bank = ["good", "bad", "so-so"]
+  rows = pipeline.warmup_records(examples, instruction="none", kind="reviewer", seed=3,
+                                 direct_fraction=0.5, condition_fraction=0.25, bank=bank)
+  assert [r["uid"] for r in rows] == [e.uid for e in examples]
+  direct = np.array([r["response"].startswith("####") for r in rows])
+  conditioned = np.array([r["feedback"] != "" for r in rows])
+  assert 0.4 < direct.mean() < 0.6 and 0.17 < conditioned.mean() < 0.33
+  assert {r["feedback"] for r in rows} == set(bank) | {""}
+  for r, e in zip(rows, examples):
+    assert r["response"] == tasks.reference_response(e, direct=r["response"].startswith(
+        "####"))
+  # The condition draw does not depend on the direct draw (same seed, no directs).
+  plain = pipeline.warmup_records(examples, instruction="none", kind="reviewer", seed=3,
+                                  condition_fraction=0.25, bank=bank)
+  assert [r["feedback"] for r in plain] == [r["feedback"] for r in rows]
+  null = pipeline.warmup_records(examples, instruction="none", kind="reviewer", seed=3)
+  assert all(r["feedback"] == "" for r in null)
+  with pytest.raises(ValueError, match="bank"):
+    pipeline.warmup_records(examples, instruction="none", kind="reviewer", seed=3,
+                            condition_fraction=0.5)
 
 
 def test_split_records_is_seeded_and_disjoint():
@@ -97,6 +145,13 @@ def test_tiny_pipeline_through_sweep_writes_every_artefact_and_resumes(tmp_path)
       assert 0.0 <= r["accuracy"] <= 1.0 and r["num_questions"] == 16
     assert results["eval"][method]["pool"]["num_seeds"] == 2
   cfg = config_lib.load_config(f"{CONFIG}:runlocal")
+  # The warm-up rows: answer-only references and random conditions, as configured.
+  warm = tfds_builders.load_source(tfds_builders.TRIPLES, str(run / pipeline.TFDS_DIR),
+                                   cfg.warmup.data.name, "train")
+  text = lambda x: x.decode("utf-8") if isinstance(x, bytes) else x
+  conditions = [text(r["condition"]) for r in warm]
+  assert 0 < sum(c != "" for c in conditions) < len(conditions)
+  assert 0 < sum(text(r["response"]).startswith("####") for r in warm) < len(warm)
   on = cfg.bootstrap.online
   assert results["budget"]["fcp_online"] == on.rounds * on.prompts_per_step * on.num_samples
   assert results["budget"]["collect"] == cfg.collect.prompts * cfg.collect.num_samples

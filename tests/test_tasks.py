@@ -67,6 +67,21 @@ def test_exact_steps_of_an_expression():
   assert tasks.check_answer(ex, tasks.reference_response(ex, direct=True))
 
 
+def test_wrong_response_ends_off_by_delta():
+  _, steps = tasks.evaluate("4-9+7")
+  ex = Example(uid="u", question="4-9+7=?", answer="2", steps=steps)
+  assert tasks.wrong_response(ex, 1) == "4-9=-5\n-5+7=3\n#### 3"
+  assert tasks.wrong_response(ex, -2, direct=True) == "#### 0"
+  assert not tasks.check_answer(ex, tasks.wrong_response(ex, 1))
+  # The slip is the last claim: every earlier claim still checks out.
+  claims = tasks.find_claims(tasks.wrong_response(ex, 1))
+  assert [c.ok for c in claims] == [True, False]
+  with pytest.raises(ValueError, match="nonzero"):
+    tasks.wrong_response(ex, 0)
+  with pytest.raises(ValueError, match="not a number"):
+    tasks.wrong_response(Example(uid="v", question="q", answer="blue"), 1)
+
+
 def test_unknown_task_and_bad_knobs():
   with pytest.raises(KeyError, match="chain_sum"):
     TASKS.build("chain_summ", split="train", size=1)

@@ -125,6 +125,29 @@ def reference_response(example: Example, *, direct: bool = False) -> str:
   return "\n".join(steps + [f"{ANSWER_MARKER} {example.answer}"])
 
 
+def wrong_response(example: Example, delta: int, *, direct: bool = False) -> str:
+  """A reference response that ends wrong by ``delta`` (a nonzero integer).
+
+  The chain keeps its steps but its last step's value and the final answer are off by
+  ``delta`` (an arithmetic slip at the end); ``direct`` gives only the wrong answer line.
+  Raises ``ValueError`` when the answer (or the last step's value) is not a number.
+  """
+  if not delta:
+    raise ValueError("delta must be nonzero.")
+  answer = parse_number(example.answer)
+  if answer is None:
+    raise ValueError(f"Example {example.uid!r}: answer {example.answer!r} is not a number.")
+  steps = [] if direct else [s.text for s in example.steps]
+  if steps:
+    last = example.steps[-1]
+    value = parse_number(last.value)
+    if value is None:
+      raise ValueError(f"Example {example.uid!r}: step value {last.value!r} is not a "
+                       "number.")
+    steps[-1] = Step(last.expr, format_number(value + delta)).text
+  return "\n".join(steps + [f"{ANSWER_MARKER} {format_number(answer + delta)}"])
+
+
 # ---------------------------------------------------------------------------------------
 # Numbers and arithmetic expressions.
 # ---------------------------------------------------------------------------------------
