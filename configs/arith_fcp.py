@@ -129,31 +129,41 @@ def get_config(arg=None):
   # behaviour that feedback can steer (guessing vs working it out). ``warmup_conditions``
   # of the warm-up rows carry a random feedback text (``pipeline.warmup_records``).
   config.data = ml_collections.ConfigDict(dict(
-      task=TASK, train_size=2000, eval_size=200, task_seed=arg.seed,
-      instruction="none", system="", direct_fraction=0.0, warmup_conditions=0.0))
+      task=TASK, train_size=8000, eval_size=200, task_seed=arg.seed,
+      instruction="none", system="", direct_fraction=0.6, warmup_conditions=0.0))
 
-  # 1. SFT warm-up on reference solutions under the null condition <EF></EF>: kept short
-  #    so the policy is only moderately accurate and feedback has something to teach.
-  config.warmup = _offline(arg, objective="warmup", steps=200, batch=32, lr=3e-3,
+  # 1. SFT warm-up on reference solutions under the null condition <EF></EF>. With 60%
+  #    answer-only references, greedy decoding picks the guessing mode for most prompts
+  #    (~50% accurate) although worked chains are ~72% accurate: a behaviour that the
+  #    feedback (which praises clean chains) can steer.
+  config.warmup = _offline(arg, objective="warmup", steps=900, batch=32, lr=3e-3,
                            max_len=64, data_name="sft")
   if arg.ternary:
     config.warmup.quant.lambda_ramp = 60
     config.warmup.optim.update(weight_decay=0.05, stage2_at=0.6)
 
-  # 2. Collect k samples per prompt from the warm-up, keep prompts with mixed outcomes
-  #    and pick ``pairs`` correct and ``pairs`` incorrect responses of each.
+  # 2. Collect k samples per prompt from the warm-up and keep prompts with mixed
+  #    outcomes: every sample of them (``pairs=0``, the policy's own proportions), or
+  #    ``pairs`` correct and ``pairs`` incorrect responses of each. Many distinct prompts
+  #    matter more than many samples per prompt: offline FCP on a few hundred prompts
+  #    for several epochs overfits and loses arithmetic on held-out questions.
+  #    ``references``: the warm-up's own references of that many further prompts join
+  #    the triples with the critic's feedback on them (clean chains under positive
+  #    conditions; RFT gets them too, as correct responses).
   config.collect = ml_collections.ConfigDict(dict(
-      prompts=400, num_samples=8, pairs=2, sampling="temperature(t=1.0)",
+      prompts=2000, num_samples=4, pairs=0, references=3000, sampling="temperature(t=1.0)",
       max_new_tokens=40, batch_prompts=200, eval_fraction=0.05,
       pool_min_score=8, pool_require_correct=True))
 
-  # 3. Offline FCP on the triples: log π(y | <EF>c</EF> x).
-  config.offline = _offline(arg, objective="fcp", steps=150, batch=32, lr=1e-3,
+  # 3. Offline FCP on the triples: log π(y | <EF>c</EF> x). The warm-up never saw
+  #    feedback text, so the first steps are a shock (response loss ~2 against ~0.15
+  #    under null); ~3 epochs restore the arithmetic in the new context.
+  config.offline = _offline(arg, objective="fcp", steps=600, batch=32, lr=1e-3,
                             max_len=160, data_name="triples")
 
   # 4. Online bootstrapping from offline FCP: sample under c+, train under fresh c'.
   config.bootstrap = _online(arg, objective="fcp", loss="nll(aggregation='token-mean')",
-                             rounds=20, prompts=32, samples=4, mini_batch=32, lr=3e-4,
+                             rounds=20, prompts=32, samples=4, mini_batch=32, lr=5e-5,
                              max_len=160, max_new=40)
 
   # Baselines from the same warm-up and the same number of generated samples.
@@ -181,7 +191,7 @@ def get_config(arg=None):
       stage.update(total_steps=6, batch_size=8, log_every=3)
       stage.eval.update(every=3, batch_size=8, max_batches=1)
     config.warmup.quant.lambda_ramp = 2 if arg.ternary else 0
-    config.collect.update(prompts=24, num_samples=4, pairs=1, max_new_tokens=12,
+    config.collect.update(prompts=24, num_samples=4, pairs=1, references=8, max_new_tokens=12,
                           batch_prompts=24, eval_fraction=0.2, pool_min_score=0,
                           pool_require_correct=False)
     for name in ("bootstrap", "grpo"):

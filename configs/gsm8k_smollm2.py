@@ -208,9 +208,9 @@ def get_config(arg=None):
   # 2. Collect 8 samples per train prompt (T=1, null condition); keep prompts with
   #    mixed outcomes, one correct and one incorrect response each; pool of c+.
   config.collect = ml_collections.ConfigDict(dict(
-      prompts=train_size, num_samples=8, pairs=1, sampling="temperature(t=1.0)",
-      max_new_tokens=192, batch_prompts=64, eval_fraction=0.02,
-      pool_min_score=8, pool_require_correct=True))
+      prompts=train_size, num_samples=8, pairs=1, references=0,
+      sampling="temperature(t=1.0)", max_new_tokens=192, batch_prompts=64,
+      eval_fraction=0.02, pool_min_score=8, pool_require_correct=True))
 
   # 3. Offline FCP on the triples: log π(y | <EF>c</EF> x), ~1 epoch of the triples.
   config.offline = _offline(arg, objective="fcp", steps=120, batch=64, lr=5e-5,

@@ -17,8 +17,10 @@ interrupted resumes from its own checkpoints):
    response, so the policy has seen feedback text before FCP gives it a meaning);
 3. ``collect/``: ``k`` samples per prompt from the warm-up (T=1, null condition),
    feedback from the cached env, prompts with mixed outcomes only, ``pairs`` correct and
-   ``pairs`` incorrect responses each → the triples dataset and the positive pool
-   (``pool.json``: score ≥ ``pool_min_score``, see ``feedback/pool.py``);
+   ``pairs`` incorrect responses each (``pairs=0``: all of them), plus the warm-up's
+   references of ``references`` further prompts with the env's feedback on them → the
+   triples dataset and the positive pool (``pool.json``: score ≥ ``pool_min_score`` among
+   the samples, see ``feedback/pool.py``);
 4. ``offline_fcp/``: NLL of ``response | <EF>c</EF> question`` on the triples;
 5. ``fcp_bootstrap/``: online rounds from offline FCP (``fcp_jax.bootstrap``);
 6. ``rft/``: baseline, fine-tunes the warm-up on every correct sample (under the null
@@ -224,6 +226,30 @@ def warmup_records(examples: Sequence[tasks_lib.Example], *, instruction: str, k
           for e, d, c in zip(examples, direct, conditions)]
 
 
+def reference_rows(env, examples: Sequence[tasks_lib.Example], start: int, count: int,
+                   *, instruction: str, kind: str, seed: int, direct_fraction: float
+                   ) -> List[Dict[str, Any]]:
+  """The warm-up's references of ``examples[start:start + count]``, with feedback.
+
+  The responses are exactly those the warm-up trained on (``warmup_records``, same
+  seed and ``direct_fraction``), so offline FCP sees them again with the feedback the
+  env gives them: clean chains earn positive conditions, answer-only ones "correct but
+  thinly justified". Rows have the layout of ``sample_with_feedback``'s.
+  """
+  if count <= 0:
+    return []
+  if start + count > len(examples):
+    raise ValueError(f"collect.references={count} needs {start + count} train prompts "
+                     f"(collect.prompts={start} come first); data.train_size is "
+                     f"{len(examples)}.")
+  picked = list(zip(examples, warmup_records(
+      examples, instruction=instruction, kind=kind, seed=seed,
+      direct_fraction=direct_fraction)))[start:start + count]
+  feedback = env.feedback([(e, r["response"]) for e, r in picked])
+  return [dict(example=e, question=r["question"], response=r["response"], feedback=fb)
+          for (e, r), fb in zip(picked, feedback)]
+
+
 def condition_bank(env, examples: Sequence[tasks_lib.Example], *, kind: str, seed: int
                    ) -> List[str]:
   """Distinct feedback texts of ``kind`` that ``env`` gives on made-up responses.
@@ -260,7 +286,8 @@ def select_pairs(rows: Sequence[Dict[str, Any]], num_samples: int, pairs: int,
 
   ``rows`` holds ``num_samples`` consecutive rows per prompt. Empty responses and those
   holding special tokens are dropped (counted), the rest deduplicated per prompt before
-  picking (seeded).
+  picking (seeded). ``pairs=0`` keeps every sample of a mixed prompt, duplicates
+  included: the triples then follow the policy's own distribution (natural proportions).
   """
   rng = np.random.default_rng([seed, 3])
   kept = []
@@ -280,6 +307,9 @@ def select_pairs(rows: Sequence[Dict[str, Any]], num_samples: int, pairs: int,
       stats["all_correct"] += 1
       continue
     stats["mixed"] += 1
+    if pairs <= 0:
+      kept.extend(plain)
+      continue
     for bucket in (right, wrong):
       for i in rng.permutation(len(bucket))[:pairs]:
         kept.append(bucket[i])
@@ -390,8 +420,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     if not kept:
       raise RuntimeError(f"No prompt had mixed outcomes ({stats}); the warm-up is too "
                          "weak or too strong for this task.")
+    references = reference_rows(env, train_examples, col.prompts, col.references,
+                                instruction=data.instruction, kind=kind, seed=seed,
+                                direct_fraction=data.direct_fraction)
     records = [tfds_builders.triple_record(r["example"], r["question"], r["response"],
-                                           r["feedback"], kind) for r in kept]
+                                           r["feedback"], kind) for r in kept + references]
     build_dataset(tfds_builders.TRIPLES, split_records(records, col.eval_fraction, seed),
                   tfds_dir, config.offline.data.name)
     pool = pool_lib.ConditionPool.build(
@@ -401,9 +434,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     # Correct samples for the RFT baseline (its second, equal-budget share comes later).
     _write_json(os.path.join(folder, "correct.json"),
                 [dict(uid=r["example"].uid, question=r["question"], response=r["response"],
-                      feedback=r["feedback"].to_dict()) for r in rows
+                      feedback=r["feedback"].to_dict()) for r in rows + references
                  if r["feedback"].correct and is_plain(r["response"])])
     return dict(stats, samples=len(rows), triples=len(records), pool=len(pool),
+                references=len(references),
                 pool_stats=pool.stats, sample_accuracy=float(np.mean(
                     [r["feedback"].correct for r in rows])),
                 feedback_misses=env.misses, feedback_hits=env.hits)

@@ -44,6 +44,10 @@ def test_select_pairs_keeps_mixed_prompts_one_right_one_wrong():
   kept2, _ = pipeline.select_pairs(rows, 4, pairs=2, seed=0)
   # Only one distinct wrong response exists for "a": duplicates are not picked twice.
   assert sorted(r["response"] for r in kept2) == ["bad", "ok1", "ok2"]
+  # pairs=0: natural proportions, every storable sample of the mixed prompts, in order.
+  natural, stats0 = pipeline.select_pairs(rows, 4, pairs=0, seed=0)
+  assert stats0 == stats
+  assert [r["response"] for r in natural] == ["ok1", "ok2", "bad", "bad"]
 
 
 def _chain_sum(size):
@@ -90,6 +94,29 @@ def test_warmup_records_draw_direct_references_and_conditions_independently():
   with pytest.raises(ValueError, match="bank"):
     pipeline.warmup_records(examples, instruction="none", kind="reviewer", seed=3,
                             condition_fraction=0.5)
+
+
+def test_reference_rows_are_the_warmup_references_with_feedback(tmp_path):
+  examples = _chain_sum(40)
+  env = bootstrap.build_feedback_env("critic(noise=0.0, seed=0)", str(tmp_path))
+  warm = pipeline.warmup_records(examples, instruction="none", kind="reviewer", seed=2,
+                                 direct_fraction=0.5)
+  rows = pipeline.reference_rows(env, examples, 10, 20, instruction="none",
+                                 kind="reviewer", seed=2, direct_fraction=0.5)
+  assert [r["example"].uid for r in rows] == [e.uid for e in examples[10:30]]
+  assert [r["response"] for r in rows] == [w["response"] for w in warm[10:30]]
+  direct = [r["response"].startswith("####") for r in rows]
+  assert 0 < sum(direct) < len(rows)
+  # The env's own verdicts: all correct; clean chains score 10, bare answers that skip
+  # intermediate values less.
+  assert all(r["feedback"].correct for r in rows)
+  assert {r["feedback"].score for r, d in zip(rows, direct) if not d} == {10}
+  assert min(r["feedback"].score for r, d in zip(rows, direct) if d) < 10
+  assert pipeline.reference_rows(env, examples, 10, 0, instruction="none",
+                                 kind="reviewer", seed=2, direct_fraction=0.5) == []
+  with pytest.raises(ValueError, match="collect.references=31 needs 41 train prompts"):
+    pipeline.reference_rows(env, examples, 10, 31, instruction="none", kind="reviewer",
+                            seed=2, direct_fraction=0.5)
 
 
 def test_split_records_is_seeded_and_disjoint():
@@ -155,6 +182,10 @@ def test_tiny_pipeline_through_sweep_writes_every_artefact_and_resumes(tmp_path)
   on = cfg.bootstrap.online
   assert results["budget"]["fcp_online"] == on.rounds * on.prompts_per_step * on.num_samples
   assert results["budget"]["collect"] == cfg.collect.prompts * cfg.collect.num_samples
+  with open(run / "collect" / pipeline.DONE) as f:
+    collected = json.load(f)
+  assert collected["references"] == cfg.collect.references
+  assert collected["triples"] == 2 * collected["mixed"] + cfg.collect.references
   assert results["budget"]["rft_total"] == results["budget"]["fcp_total"]
   with open(run / "results.md") as f:
     md = f.read()
