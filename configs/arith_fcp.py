@@ -157,7 +157,7 @@ def get_config(arg=None):
 
   # 3. Offline FCP on the triples: log π(y | <EF>c</EF> x). The warm-up never saw
   #    feedback text, so the first steps are a shock (response loss ~2 against ~0.15
-  #    under null); ~3 epochs restore the arithmetic in the new context.
+  #    under null); ~2 epochs restore the arithmetic in the new context.
   config.offline = _offline(arg, objective="fcp", steps=600, batch=32, lr=1e-3,
                             max_len=160, data_name="triples")
 
