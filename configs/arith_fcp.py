@@ -75,8 +75,13 @@ def _optim(lr: float, *, schedule: str = "cosine(end_factor=0.1)", warmup_frac=0
 
 
 def _offline(arg, *, objective: str, steps: int, batch: int, lr: float, max_len: int,
-             data_name: str) -> ml_collections.ConfigDict:
-  """A ``fcp_jax.train`` config (the pipeline fills ``data.data_dir`` and init_from)."""
+             data_name: str, pack: bool = True) -> ml_collections.ConfigDict:
+  """A ``fcp_jax.train`` config (the pipeline fills ``data.data_dir`` and init_from).
+
+  With ``pack`` each of the ``batch`` rows holds as many whole sequences as fit in
+  ``max_len`` (first fit), so a row of ``max_len`` ~ 2-3x the mean sequence is ~87-92%
+  tokens instead of ~65% when every sequence is padded to the longest.
+  """
   c = _common(arg)
   c.objective = objective
   c.total_steps = steps
@@ -86,7 +91,7 @@ def _offline(arg, *, objective: str, steps: int, batch: int, lr: float, max_len:
   c.optim = _optim(lr)
   c.data = ml_collections.ConfigDict(dict(
       data_dir="", name=data_name, train_split="train", eval_split="eval",
-      max_len=max_len, pack=False, overflow="truncate", num_workers=0, system=None))
+      max_len=max_len, pack=pack, overflow="truncate", num_workers=0, system=None))
   c.eval = ml_collections.ConfigDict(dict(every=max(steps // 2, 1), batch_size=batch,
                                           max_batches=2))
   return c
@@ -106,7 +111,7 @@ def _online(arg, *, objective: str, loss: str, rounds: int, prompts: int, sample
       task=TASK, task_size=2000, task_seed=arg.seed, instruction="none", system="",
       rounds=rounds, prompts_per_step=prompts, num_samples=samples,
       mini_batch=mini_batch, sampling="temperature(t=1.0)", max_new_tokens=max_new,
-      max_len=max_len, prompt_bucket=32, condition_kind=KIND,
+      max_len=max_len, prompt_bucket=64, condition_kind=KIND,
       fresh_cplus_per_rollout=False, feedback=FEEDBACK, pool=""))
   return c
 
@@ -135,9 +140,11 @@ def get_config(arg=None):
   # 1. SFT warm-up on reference solutions under the null condition <EF></EF>. With 60%
   #    answer-only references, greedy decoding picks the guessing mode for most prompts
   #    (~50% accurate) although worked chains are ~72% accurate: a behaviour that the
-  #    feedback (which praises clean chains) can steer.
+  #    feedback (which praises clean chains) can steer. That greedy split is fragile:
+  #    the same rows packed (12 x 128) gave a warm-up that guesses 66% right under null,
+  #    leaving FCP's chains only ~7 points to gain, so the warm-up stays unpacked.
   config.warmup = _offline(arg, objective="warmup", steps=900, batch=32, lr=3e-3,
-                           max_len=64, data_name="sft")
+                           max_len=64, data_name="sft", pack=False)
   if arg.ternary:
     config.warmup.quant.lambda_ramp = 60
     config.warmup.optim.update(weight_decay=0.05, stage2_at=0.6)
@@ -158,8 +165,12 @@ def get_config(arg=None):
   # 3. Offline FCP on the triples: log π(y | <EF>c</EF> x). The warm-up never saw
   #    feedback text, so the first steps are a shock (response loss ~2 against ~0.15
   #    under null); ~2 epochs restore the arithmetic in the new context.
-  config.offline = _offline(arg, objective="fcp", steps=600, batch=32, lr=1e-3,
-                            max_len=160, data_name="triples")
+  #    Packed: 18 rows of 208 hold ~32 triples (~100 tokens, at most ~170) per step,
+  #    in half the time of 32 padded rows of 160. (With those padded rows the policy
+  #    guessed under the fully negative condition, 44% right; packed, it writes chains
+  #    there, 58% right: which mode greedy decoding picks is fragile, README.)
+  config.offline = _offline(arg, objective="fcp", steps=600, batch=18, lr=1e-3,
+                            max_len=208, data_name="triples")
 
   # 4. Online bootstrapping from offline FCP: sample under c+, train under fresh c'.
   #    Conservative (one update per round, lr 1e-5): at T=1 about half the rollouts
@@ -171,8 +182,8 @@ def get_config(arg=None):
                              max_len=160, max_new=40)
 
   # Baselines from the same warm-up and the same number of generated samples.
-  config.rft = _offline(arg, objective="rft_null", steps=150, batch=32, lr=1e-3,
-                        max_len=64, data_name="rft")
+  config.rft = _offline(arg, objective="rft_null", steps=150, batch=12, lr=1e-3,
+                        max_len=128, data_name="rft")
   config.grpo = _online(arg, objective="grpo", loss="grpo(clip_eps=0.2)", rounds=0,
                         prompts=32, samples=4, mini_batch=32, lr=3e-4, max_len=64,
                         max_new=40)
@@ -181,7 +192,7 @@ def get_config(arg=None):
   config.eval = ml_collections.ConfigDict(dict(
       task=TASK, size=200, task_seed=arg.seed, conditions=("pool", "null", "negative",
                                                            "positive"),
-      seeds=(0, 1, 2, 3), kind=KIND, negative="", positive="", instruction="none",
+      seeds=(0, 1, 2), kind=KIND, negative="", positive="", instruction="none",
       system="", max_new_tokens=40, batch_size=200, pool=""))
   config.methods = ("warmup", "offline_fcp", "fcp_bootstrap", "rft", "grpo")
 
@@ -189,7 +200,7 @@ def get_config(arg=None):
     # Answer-only references and random warm-up conditions on, so tests cover them.
     config.data.update(train_size=96, eval_size=32, direct_fraction=0.25,
                        warmup_conditions=0.25)
-    config.warmup.data.max_len = 128  # Room for a condition.
+    config.warmup.data.update(max_len=128, pack=True)  # Room for a condition; packed.
     for name in ("warmup", "offline", "rft"):
       stage = config[name]
       stage.update(total_steps=6, batch_size=8, log_every=3)

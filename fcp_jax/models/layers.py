@@ -123,6 +123,29 @@ def dense(cfg, kind: str, features: int, axes: Tuple[str, str], *,
   return Dense(**common)
 
 
+def _attention_logits(q: Array, k: Array) -> Array:
+  """q [B, T, K, G, H] . k [B, S, K, H] -> float32 [B, K, G, T, S].
+
+  A single-token query (decoding) is a broadcast multiply and a sum over H, which XLA
+  fuses into one loop (reading the cache slice in place); a ``dot_general`` batched
+  over B*K rows of [G, H] x [H, S] runs B*K tiny matmuls instead (slower on CPU).
+  Longer queries (training, prefill) use the matmul.
+  """
+  if q.shape[1] == 1:
+    prod = q[:, 0, :, :, None, :].astype(jnp.float32) * k.transpose(0, 2, 1, 3)[
+        :, :, None, :, :].astype(jnp.float32)  # [B, K, G, S, H]
+    return jnp.sum(prod, axis=-1)[:, :, :, None, :]  # [B, K, G, 1, S]
+  return jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+
+
+def _attention_values(probs: Array, v: Array) -> Array:
+  """probs [B, K, G, T, S] . v [B, S, K, H] -> [B, T, K, G, H] (fused when T = 1)."""
+  if probs.shape[3] == 1:
+    prod = probs[:, :, :, 0, :, None] * v.transpose(0, 2, 1, 3)[:, :, None]  # [B,K,G,S,H]
+    return jnp.sum(prod, axis=3)[:, None]  # [B, 1, K, G, H]
+  return jnp.einsum("bkgts,bskh->btkgh", probs, v)
+
+
 class Attention(nn.Module):
   """Grouped-query attention with RoPE and an explicit per-layer KV cache."""
   cfg: Any
@@ -154,11 +177,10 @@ class Attention(nn.Module):
       layer_cache = {"k": kk, "v": v}
 
     q = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, kk.astype(q.dtype),
-                        preferred_element_type=jnp.float32) / math.sqrt(h)
+    logits = _attention_logits(q, kk.astype(q.dtype)) / math.sqrt(h)  # [B, K, G, T, S]
     logits = jnp.where(mask[:, None, None], logits, NEG_INF)  # [B, K, G, T, S]
     probs = jax.nn.softmax(logits, axis=-1).astype(cfg.jnp_dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(probs.dtype))
+    out = _attention_values(probs, v.astype(probs.dtype))  # [B, T, K, G, H]
     out = out.reshape(b, t, n * h)  # [B, T, N*H]
     out = dense(cfg, "o", cfg.embed_dim, ("heads", "embed"), name="o_proj")(out, qlambda)
     return out, layer_cache

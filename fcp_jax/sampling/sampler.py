@@ -187,9 +187,10 @@ class Sampler:
     logits, cache = self.model.apply({"params": params}, tokens, positions, segments,
                                      cache=cache, qlambda=qlambda)
     repeat = lambda x: jnp.repeat(x, n, axis=0)
-    cache = {**cache, "k": jnp.repeat(cache["k"], n, axis=1),
-             "v": jnp.repeat(cache["v"], n, axis=1),
-             "segment_ids": repeat(cache["segment_ids"])}
+    batch_axis = 1 if self.cfg.scan_layers else 0  # [L, B, ...] or L x [B, ...]
+    cache = {**cache, "segment_ids": repeat(cache["segment_ids"]),
+             **jax.tree.map(lambda x: jnp.repeat(x, n, axis=batch_axis),
+                            {"k": cache["k"], "v": cache["v"]})}
     rows = b * n
     return {
         "cache": cache,
