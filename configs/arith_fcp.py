@@ -16,9 +16,12 @@ Args (``:variant=small,runlocal,seed=0,ternary=True,stage=``):
     ``fcp_jax.train``), ``bootstrap``, ``grpo`` (of ``fcp_jax.bootstrap``) or ``eval``
     (of ``fcp_jax.evaluate``) for one stage's config alone.
 
-Task: reasoning-gym ``chain_sum`` with 2-4 terms of 1 digit, compact questions
-(``4-9+7=?``) and compact chain-of-thought responses (``4-9=-5\\n-5+7=2\\n#### 2``);
-no system prompt and no answer instruction, to keep character sequences short.
+Task: reasoning-gym ``chain_sum`` with 3-5 terms of 1 digit, compact questions
+(``4-9+7=?``) and compact chain-of-thought responses (``4-9=-5\\n-5+7=2\\n#### 2``,
+at most 44 characters, so 48 new tokens never truncate one); no system prompt and no
+answer instruction, to keep character sequences short. With 3-5 terms the warm-up's
+bare guesses are right only ~25% of the time, which leaves worked chains room to beat
+them (with 2-4 terms guesses were 45-66% right and the gap was fragile).
 Feedback: the rule-based critic; conditions are its reviewer summaries.
 
 Budget: FCP uses ``collect.prompts * collect.num_samples`` samples offline plus
@@ -33,7 +36,7 @@ import ml_collections
 from fcp_jax import config_lib
 from fcp_jax.training import sharding
 
-TASK = "chain_sum(min_terms=2, max_terms=4, min_digits=1, max_digits=1, compact=True)"
+TASK = "chain_sum(min_terms=3, max_terms=5, min_digits=1, max_digits=1, compact=True)"
 FEEDBACK = "critic(noise=0.0, seed=0)"
 KIND = "reviewer"
 
@@ -138,13 +141,13 @@ def get_config(arg=None):
       instruction="none", system="", direct_fraction=0.6, warmup_conditions=0.0))
 
   # 1. SFT warm-up on reference solutions under the null condition <EF></EF>. With 60%
-  #    answer-only references, greedy decoding picks the guessing mode for most prompts
-  #    (~50% accurate) although worked chains are ~72% accurate: a behaviour that the
-  #    feedback (which praises clean chains) can steer. That greedy split is fragile:
-  #    the same rows packed (12 x 128) gave a warm-up that guesses 66% right under null,
-  #    leaving FCP's chains only ~7 points to gain, so the warm-up stays unpacked.
-  config.warmup = _offline(arg, objective="warmup", steps=900, batch=32, lr=3e-3,
-                           max_len=64, data_name="sft", pack=False)
+  #    answer-only references, greedy decoding guesses (``#### n``) for every prompt,
+  #    ~25% right: a behaviour that the feedback (which praises clean chains over bare
+  #    answers) can steer towards working the problem out. Packed rows of 128 hold ~32
+  #    sequences (~48 tokens, at most 77): the same quality as 32 rows padded to 80
+  #    (eval loss 0.191 vs 0.192) in 270 s instead of 370 s.
+  config.warmup = _offline(arg, objective="warmup", steps=800, batch=12, lr=3e-3,
+                           max_len=128, data_name="sft")
   if arg.ternary:
     config.warmup.quant.lambda_ramp = 60
     config.warmup.optim.update(weight_decay=0.05, stage2_at=0.6)
@@ -156,51 +159,53 @@ def get_config(arg=None):
   #    for several epochs overfits and loses arithmetic on held-out questions.
   #    ``references``: the warm-up's own references of that many further prompts join
   #    the triples with the critic's feedback on them (clean chains under positive
-  #    conditions; RFT gets them too, as correct responses).
+  #    conditions; RFT gets them too, as correct responses). They are cheap (no sampling)
+  #    and lift the chains under c+: 5000 instead of 3000 (and 8 bootstrap rounds
+  #    instead of 12) ended 6 points higher under pool c+.
   config.collect = ml_collections.ConfigDict(dict(
-      prompts=2000, num_samples=4, pairs=0, references=3000, sampling="temperature(t=1.0)",
-      max_new_tokens=40, batch_prompts=200, eval_fraction=0.05,
+      prompts=2000, num_samples=4, pairs=0, references=5000, sampling="temperature(t=1.0)",
+      max_new_tokens=48, batch_prompts=200, eval_fraction=0.05,
       pool_min_score=8, pool_require_correct=True))
 
   # 3. Offline FCP on the triples: log π(y | <EF>c</EF> x). The warm-up never saw
   #    feedback text, so the first steps are a shock (response loss ~2 against ~0.15
   #    under null); ~2 epochs restore the arithmetic in the new context.
   #    Packed: 18 rows of 208 hold ~32 triples (~100 tokens, at most ~170) per step,
-  #    in half the time of 32 padded rows of 160. (With those padded rows the policy
-  #    guessed under the fully negative condition, 44% right; packed, it writes chains
-  #    there, 58% right: which mode greedy decoding picks is fragile, README.)
-  config.offline = _offline(arg, objective="fcp", steps=600, batch=18, lr=1e-3,
+  #    in half the time of 32 padded rows of 160. Accuracy follows the offline compute
+  #    closely: 400 steps end at eval loss 0.25 instead of 0.18 and lose ~17 points.
+  config.offline = _offline(arg, objective="fcp", steps=540, batch=18, lr=1e-3,
                             max_len=208, data_name="triples")
 
   # 4. Online bootstrapping from offline FCP: sample under c+, train under fresh c'.
-  #    Conservative (one update per round, lr 1e-5): at T=1 about half the rollouts
-  #    slip somewhere, and this model cannot tie *where* it slipped to the negative c'
-  #    they get, so larger steps leak the slips into c+ (lr 5e-5 with 4 updates per
-  #    round takes pool-c+ accuracy from ~70% to ~23% in 20 rounds).
+  #    Conservative (one update per round, lr 5e-6): at T=1 only ~20% of the rollouts
+  #    are right, and this model cannot tie *where* a chain slipped to the negative c'
+  #    it gets, so larger steps leak the slips into c+ (16 rounds at lr 1e-5 took
+  #    pool-c+ accuracy from 48% to 26%, flipping only 0.07% of the ternary codes).
+  #    ``max_len`` 184 holds the longest c' (106 characters) with a full response.
   config.bootstrap = _online(arg, objective="fcp", loss="nll(aggregation='token-mean')",
-                             rounds=20, prompts=32, samples=4, mini_batch=128, lr=1e-5,
-                             max_len=160, max_new=40)
+                             rounds=8, prompts=32, samples=4, mini_batch=128, lr=5e-6,
+                             max_len=184, max_new=48)
 
   # Baselines from the same warm-up and the same number of generated samples.
-  config.rft = _offline(arg, objective="rft_null", steps=150, batch=12, lr=1e-3,
+  config.rft = _offline(arg, objective="rft_null", steps=100, batch=12, lr=1e-3,
                         max_len=128, data_name="rft")
   config.grpo = _online(arg, objective="grpo", loss="grpo(clip_eps=0.2)", rounds=0,
-                        prompts=32, samples=4, mini_batch=32, lr=3e-4, max_len=64,
-                        max_new=40)
+                        prompts=32, samples=4, mini_batch=32, lr=3e-4, max_len=80,
+                        max_new=48)
 
-  # 5. Evaluation: greedy, held-out prompts, under each condition, several seeds.
+  # 5. Evaluation: greedy, held-out prompts, under each condition, two seeds (only the
+  #    pool draw depends on the seed).
   config.eval = ml_collections.ConfigDict(dict(
       task=TASK, size=200, task_seed=arg.seed, conditions=("pool", "null", "negative",
                                                            "positive"),
-      seeds=(0, 1, 2), kind=KIND, negative="", positive="", instruction="none",
-      system="", max_new_tokens=40, batch_size=200, pool=""))
+      seeds=(0, 1), kind=KIND, negative="", positive="", instruction="none",
+      system="", max_new_tokens=48, batch_size=200, pool=""))
   config.methods = ("warmup", "offline_fcp", "fcp_bootstrap", "rft", "grpo")
 
   if arg.runlocal:
     # Answer-only references and random warm-up conditions on, so tests cover them.
     config.data.update(train_size=96, eval_size=32, direct_fraction=0.25,
                        warmup_conditions=0.25)
-    config.warmup.data.update(max_len=128, pack=True)  # Room for a condition; packed.
     for name in ("warmup", "offline", "rft"):
       stage = config[name]
       stage.update(total_steps=6, batch_size=8, log_every=3)
