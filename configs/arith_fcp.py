@@ -168,7 +168,7 @@ def get_config(arg=None):
       pool_min_score=8, pool_require_correct=True))
 
   # 3. Offline FCP on the triples: log π(y | <EF>c</EF> x). The warm-up never saw
-  #    feedback text, so the first steps are a shock (response loss ~2 against ~0.15
+  #    feedback text, so the first steps are a shock (response loss ~1.7 against ~0.19
   #    under null); ~2 epochs restore the arithmetic in the new context.
   #    Packed: 18 rows of 208 hold ~32 triples (~100 tokens, at most ~170) per step,
   #    in half the time of 32 padded rows of 160. Accuracy follows the offline compute
