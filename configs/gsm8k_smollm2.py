@@ -236,8 +236,8 @@ def get_config(arg=None):
   config.eval = ml_collections.ConfigDict(dict(
       task=TASK, size=test_size, task_seed=task_seed,
       conditions=("pool", "null", "negative", "positive"), seeds=(0, 1, 2, 3),
-      kind=KIND, negative="", positive="", instruction=instruction, system=system,
-      max_new_tokens=256, batch_size=512, pool=""))
+      kind=KIND, feedback=FEEDBACK, negative="", positive="", instruction=instruction,
+      system=system, max_new_tokens=256, batch_size=512, pool=""))
   config.methods = ("warmup", "offline_fcp", "fcp_bootstrap", "rft", "grpo")
 
   if arg.runlocal:

@@ -11,8 +11,11 @@ registry name (``CONDITIONS``):
 * ``pool``: one ``c+`` per question drawn from the positive pool with a seeded RNG (the
   paper's protocol; one draw per seed);
 * ``null``: ``<EF></EF>``;
-* ``negative``: a fixed, fully negative condition (``NEGATIVE[kind]``, in the feedback
-  env's own words, or ``eval.negative``);
+* ``negative``: a fully negative condition: one per question drawn with the seed from
+  the feedback env's own fully negative verdicts (``eval.feedback``; for the critic its
+  144 reviewer texts for a response with no final answer, score 0), the mirror image of
+  pool c+; the fixed ``eval.negative`` text when given, or ``NEGATIVE[kind]`` when the
+  env cannot list its verdicts;
 * ``positive``: a fixed positive condition (``POSITIVE[kind]`` or ``eval.positive``);
 * ``none``: no ``<EF>`` wrapper at all (plain prompt).
 
@@ -37,6 +40,7 @@ import numpy as np
 from fcp_jax import config_lib
 from fcp_jax.data import chat
 from fcp_jax.data import tasks as tasks_lib
+from fcp_jax.feedback import base as feedback_base
 from fcp_jax.feedback import pool as pool_lib
 from fcp_jax.registry import Registry
 from fcp_jax.sampling import sampler as sampler_lib
@@ -50,20 +54,20 @@ POSITIVE = {
     "user": "Thanks, that looks right to me! Really helpful.",
     "critique": "The final answer is correct and every calculation checks out.",
 }
-# The negative texts are *fully* negative: wrong answer, careless and incomplete working
-# (the critic's wrong-slip and wrong-missing verdicts at once).
+# Fallback negatives (for envs that cannot list their fully negative verdicts): what the
+# critic says of a response with no final answer, in the paper's fully negative words.
 NEGATIVE = {
-    "reviewer": "Incorrect and careless; clearly missing essential work.",
-    "user": "This is wrong, I can't use it at all.",
-    "critique": "The final answer is wrong and a calculation along the way is wrong.",
+    "reviewer": "Incomplete and disorganized; entirely without a conclusion.",
+    "user": "I'm lost, honestly. Not what I was hoping for.",
+    "critique": "The response never states a final answer.",
 }
 
 
 @CONDITIONS.register("pool")
 def pool_conditions(n: int, *, seed: int, pool: Optional[pool_lib.ConditionPool],
-                    kind: str, text: str = "") -> List[Optional[str]]:
+                    **unused) -> List[Optional[str]]:
   """One ``c+`` per question, drawn from the pool with ``seed``."""
-  del kind, text
+  del unused
   if pool is None:
     raise ValueError("The 'pool' condition needs a positive-condition pool.")
   rng = np.random.default_rng([seed, 7])
@@ -83,10 +87,15 @@ def no_conditions(n: int, **unused) -> List[Optional[str]]:
 
 
 @CONDITIONS.register("negative")
-def negative_conditions(n: int, *, kind: str, text: str = "", **unused
+def negative_conditions(n: int, *, kind: str, seed: int = 0, text: str = "",
+                        negatives: Optional[pool_lib.ConditionPool] = None, **unused
                         ) -> List[Optional[str]]:
+  """``text`` if given, else one of the env's fully negative verdicts per question."""
   del unused
-  return [text or NEGATIVE[kind]] * n
+  if text or negatives is None:
+    return [text or NEGATIVE[kind]] * n
+  rng = np.random.default_rng([seed, 11])
+  return [negatives.sample(rng) for _ in range(n)]
 
 
 @CONDITIONS.register("positive")
@@ -96,7 +105,11 @@ def positive_conditions(n: int, *, kind: str, text: str = "", **unused
   return [text or POSITIVE[kind]] * n
 
 
-SEEDED = ("pool",)
+def negative_pool(env: Any, kind: str) -> Optional[pool_lib.ConditionPool]:
+  """The env's fully negative verdicts as a pool (``None`` if it cannot list them)."""
+  texts = feedback_base.fully_negative_texts(env, kind)
+  return pool_lib.ConditionPool(texts, kind=kind, settings=dict(
+      source="fully_negative", env=env.config_key())) if texts else None
 
 
 def score_responses(examples: Sequence[tasks_lib.Example], texts: Sequence[str],
@@ -127,21 +140,28 @@ def summarize(per_seed: Sequence[Mapping[str, np.ndarray]]) -> Dict[str, Any]:
 def evaluate_policy(sampler: sampler_lib.Sampler, params: Any,
                     examples: Sequence[tasks_lib.Example], *, conditions: Sequence[str],
                     seeds: Sequence[int], pool: Optional[pool_lib.ConditionPool] = None,
+                    negatives: Optional[pool_lib.ConditionPool] = None,
                     kind: str = "reviewer", texts: Optional[Mapping[str, str]] = None,
                     system: Optional[str] = None, instruction: str = "none",
                     max_new_tokens: int = 64, batch_size: int = 256,
                     qlambda: Any = None) -> Dict[str, Dict[str, Any]]:
-  """Greedy accuracy of ``params`` on ``examples`` under each named condition."""
+  """Greedy accuracy of ``params`` on ``examples`` under each named condition.
+
+  ``pool`` holds the c+ of the ``pool`` condition, ``negatives`` the env's fully
+  negative verdicts of the ``negative`` one (see ``negative_pool``); conditions drawn
+  from a pool are decoded once per seed, the others once.
+  """
   tok = sampler.tokenizer
   texts = dict(texts or {})
+  seeded = {"pool"} | ({"negative"} if negatives and not texts.get("negative") else set())
   questions = [tasks_lib.format_question(e, instruction) for e in examples]
   results = {}
   for name in conditions:
     build = CONDITIONS.get(name)
     per_seed = []
-    for s in (seeds if name in SEEDED else seeds[:1]):
-      conds = build(len(examples), seed=int(s), pool=pool, kind=kind,
-                    text=texts.get(name, ""))
+    for s in (seeds if name in seeded else seeds[:1]):
+      conds = build(len(examples), seed=int(s), pool=pool, negatives=negatives,
+                    kind=kind, text=texts.get(name, ""))
       prompts = [chat.encode_prompt(tok, q, c, system=system)
                  for q, c in zip(questions, conds)]
       out_texts, lengths = [], []
@@ -218,11 +238,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   qlambda_fn = step_lib.make_qlambda_fn(model_cfg, config.quant)
   qlambda = qlambda_fn(step_lib.final_qlambda_step(config.quant, model_cfg.num_layers))
   pool = pool_lib.ConditionPool.load(ev.pool) if ev.pool else None
+  negatives = (negative_pool(feedback_base.FEEDBACK_ENVS.build(ev.feedback), ev.kind)
+               if ev.get("feedback") else None)
   examples = tasks_lib.TASKS.build(ev.task, split="eval", size=ev.size, seed=ev.task_seed)
   results = evaluate_policy(
       sampler_lib.Sampler(model, tok, prompt_bucket=32), params, examples,
       conditions=[c for c in ev.conditions if c != "pool" or pool is not None],
-      seeds=list(ev.seeds), pool=pool, kind=ev.kind,
+      seeds=list(ev.seeds), pool=pool, negatives=negatives, kind=ev.kind,
       texts=dict(negative=ev.negative, positive=ev.positive),
       system=ev.system or None, instruction=ev.instruction,
       max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, qlambda=qlambda)

@@ -55,6 +55,7 @@ from fcp_jax.data import chat
 from fcp_jax.data import tasks as tasks_lib
 from fcp_jax.data import tfds_builders
 from fcp_jax.data import tokenizer as tokenizer_lib
+from fcp_jax.feedback import base as feedback_base
 from fcp_jax.feedback import pool as pool_lib
 from fcp_jax.sampling import sampler as sampler_lib
 from fcp_jax.training import checkpoint as checkpoint_lib
@@ -508,6 +509,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   # 8. Evaluation under conditions.
   # -------------------------------------------------------------------------------------
   ev = config.eval
+  negatives = (evaluate_lib.negative_pool(feedback_base.FEEDBACK_ENVS.build(ev.feedback),
+                                          kind) if ev.get("feedback") else None)
   evaluations = {}
   for method in config.methods:
     if method not in METHOD_STAGES:
@@ -518,7 +521,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     def evaluate(folder, folder_name=folder_name):
       results = evaluate_lib.evaluate_policy(
           policy.sampler, policy.load(stages.path(folder_name)), eval_examples[:ev.size],
-          conditions=list(ev.conditions), seeds=list(ev.seeds), pool=pool, kind=kind,
+          conditions=list(ev.conditions), seeds=list(ev.seeds), pool=pool,
+          negatives=negatives, kind=kind,
           texts=dict(negative=ev.negative, positive=ev.positive), system=system,
           instruction=ev.instruction, max_new_tokens=ev.max_new_tokens,
           batch_size=ev.batch_size, qlambda=policy.qlambda)

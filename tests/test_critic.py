@@ -143,3 +143,24 @@ def test_feedback_record():
   with pytest.raises(ValueError):
     Feedback(user="", reviewer="", critique="", score=11, correct=False)
   assert Feedback.from_dict(fb.to_dict()) == fb
+
+
+def test_fully_negative_lists_exactly_the_no_answer_verdicts(env):
+  reviewer = env.fully_negative("reviewer")
+  assert len(reviewer) == len(set(reviewer)) == 4 * 4 * 3 * 3
+  user, critique = env.fully_negative("user"), env.fully_negative("critique")
+  seen = set()
+  for i in range(300):  # Responses with no final answer: score 0, texts from the lists.
+    ex = Example(uid=f"u{i}", question=f"{i}+1=?", answer=str(i + 1),
+                 steps=tasks.evaluate(f"{i}+1")[1], task="chain_sum")
+    fb = env.one(ex, random.Random(i).choice(["", "hmm", "let me see", "no idea"]))
+    assert fb.score == 0 and fb.reviewer in reviewer and fb.user in user
+    assert any(fb.critique.startswith(c[:-1]) for c in critique), fb.critique
+    seen.add(fb.reviewer)
+  assert len(seen) > 60  # The critic's seeded draws cover much of the list.
+  # Nothing question-specific: no digit, no task symbol.
+  assert not any(TASK_SYMBOLS.search(t) for t in reviewer + user + critique)
+  # A wrong but answered response gets none of them.
+  assert env.one(EX, "#### 13").reviewer not in reviewer
+  with pytest.raises(KeyError, match="kind"):
+    env.fully_negative("score")

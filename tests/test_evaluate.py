@@ -10,6 +10,8 @@ from fcp_jax import evaluate
 from fcp_jax.data import chat
 from fcp_jax.data import tasks
 from fcp_jax.data import tokenizer as tokenizer_lib
+from fcp_jax.feedback.cache import CachedFeedbackEnv
+from fcp_jax.feedback.critic import Critic
 from fcp_jax.feedback.pool import ConditionPool
 from fcp_jax.sampling.sampler import SampleOutput
 
@@ -124,3 +126,51 @@ def test_results_files_and_tables(tmp_path):
   assert "| positive | 100.0 | 0.0 |" in md
   table = evaluate.markdown_table({"m": res}, ["positive", "null", "pool"])
   assert "| m | 100.0 ± 0.0 | 0.0 ± 0.0 | – |" in table
+
+
+def test_negative_condition_draws_the_envs_fully_negative_verdicts(tmp_path):
+  critic = Critic(seed=0)
+  negatives = evaluate.negative_pool(critic, "reviewer")
+  assert negatives.conditions == critic.fully_negative("reviewer")
+  # A cache wrapper answers for the env it wraps; an env that cannot list them gives None.
+  cached = CachedFeedbackEnv(critic, str(tmp_path / "cache.jsonl"))
+  assert evaluate.negative_pool(cached, "user").conditions == critic.fully_negative("user")
+
+  class Judge:
+    def config_key(self):
+      return "judge"
+  assert evaluate.negative_pool(Judge(), "reviewer") is None
+
+  draw = evaluate.CONDITIONS.get("negative")
+  a = draw(40, seed=3, kind="reviewer", negatives=negatives)
+  assert a == draw(40, seed=3, kind="reviewer", negatives=negatives)
+  assert a != draw(40, seed=4, kind="reviewer", negatives=negatives)
+  assert set(a) <= set(negatives.conditions) and len(set(a)) > 20
+  # A fixed text overrides the pool; no pool falls back to the fixed NEGATIVE text.
+  assert draw(2, seed=3, kind="reviewer", negatives=negatives, text="meh") == ["meh"] * 2
+  assert draw(2, kind="user") == [evaluate.NEGATIVE["user"]] * 2
+
+  # Drawn negatives are decoded once per seed (and a fixed text once).
+  tok = tokenizer_lib.CharTokenizer()
+  examples = _examples(6)
+  sampler = ScriptedSampler(tok, examples)
+  res = evaluate.evaluate_policy(sampler, None, examples, conditions=["negative"],
+                                 seeds=[0, 1], negatives=negatives, max_new_tokens=8)
+  assert res["negative"]["num_seeds"] == 2 and len(sampler.prompts) == 12
+  for s, prompts in ((0, sampler.prompts[:6]), (1, sampler.prompts[6:])):
+    conds = draw(6, seed=s, kind="reviewer", negatives=negatives)
+    assert all(f"<EF>{c}</EF>" in p for c, p in zip(conds, prompts))
+  res = evaluate.evaluate_policy(sampler, None, examples, conditions=["negative"],
+                                 seeds=[0, 1], negatives=negatives, max_new_tokens=8,
+                                 texts=dict(negative="meh"))
+  assert res["negative"]["num_seeds"] == 1
+
+
+def test_fallback_negatives_are_the_critics_own_words():
+  critic = Critic(seed=0)
+  for kind in ("reviewer", "user", "critique"):
+    assert evaluate.NEGATIVE[kind] in critic.fully_negative(kind)
+  assert evaluate.POSITIVE["reviewer"] in {
+      Critic(seed=s).one(tasks.Example(uid="u", question="1+1=?", answer="2",
+                                       steps=tasks.evaluate("1+1")[1]),
+                         "1+1=2\n#### 2").reviewer for s in range(3000)}

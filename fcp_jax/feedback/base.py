@@ -105,3 +105,19 @@ class FeedbackEnv(Protocol):
   def config_key(self) -> str:
     """A string that changes whenever the env would answer differently."""
     ...
+
+
+def fully_negative_texts(env: Any, kind: str) -> Tuple[str, ...]:
+  """The env's own *fully negative* conditions of style ``kind``, or ``()``.
+
+  An env may list, in a method ``fully_negative(kind)``, every text it writes for the
+  worst possible response (for the rule-based critic: no final answer at all, score 0),
+  free of anything specific to one question. Evaluation draws its ``negative`` condition
+  from them, as it draws pool c+ from the best-scored feedback. Envs that cannot list
+  them (an LLM judge) return ``()``; a cache wrapper answers for the env it wraps.
+  """
+  if kind not in CONDITION_KINDS:
+    raise KeyError(f"Unknown condition kind {kind!r}; known: {CONDITION_KINDS}.")
+  env = getattr(env, "env", env)
+  texts = getattr(env, "fully_negative", None)
+  return tuple(texts(kind)) if texts is not None else ()

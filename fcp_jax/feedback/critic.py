@@ -29,6 +29,7 @@ them into vague, neutral feedback scored 5. ``correct`` always stays the true ve
 """
 
 import dataclasses
+import itertools
 import random
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -320,6 +321,26 @@ class Critic:
   def config_key(self) -> str:
     return (f"critic(noise={self.noise}, seed={self.seed}, verbose_ratio="
             f"{self.verbose_ratio}, verbose_slack={self.verbose_slack}, v={VERSION})")
+
+  def fully_negative(self, kind: str) -> Tuple[str, ...]:
+    """Every text this critic writes for a response with no final answer (score 0).
+
+    Reviewer: all compositions of the ``no_answer`` bank (its words "incomplete",
+    "unfocused", "disorganized" are those of the paper's fully negative condition);
+    user: every negative-mood reply; critique: the no-answer sentences without the
+    question-specific missing step.
+    """
+    if kind == "reviewer":
+      bank = _REVIEWER["no_answer"]
+      return tuple(f"{a.capitalize()} {bank['joiner']} {b}; {c} {d}." for a, b, c, d in
+                   itertools.product(bank["a"], bank["b"], bank["c"], bank["d"]))
+    if kind == "user":
+      openers, follow_ups = _USER["negative"]
+      return tuple(" ".join(p for p in (o, f) if p)
+                   for o, f in itertools.product(openers, follow_ups))
+    if kind == "critique":
+      return tuple(t.format(missing_note="") for t in _CRITIQUE["no_answer"])
+    raise KeyError(f"Unknown condition kind {kind!r}; known: reviewer, user, critique.")
 
   def analyze(self, example: tasks.Example, response: str) -> Analysis:
     return analyze(example, response, verbose_ratio=self.verbose_ratio,
