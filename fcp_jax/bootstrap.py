@@ -79,12 +79,6 @@ class Rollouts:
   group_size: int
 
 
-def _pad_rows(tok, rows, max_len: int) -> Dict[str, np.ndarray]:
-  batch = chat.pad_rows(rows, tok.pad_id, max_len)
-  batch.pop("truncated")
-  return batch
-
-
 @ONLINE_OBJECTIVES.register("fcp")
 class FcpObjective:
   """FCP bootstrapping: sample under ``c+``, train under the fresh ``c'`` by NLL."""
@@ -103,9 +97,7 @@ class FcpObjective:
 
   def batch(self, tok, ro: Rollouts, max_len: int) -> Dict[str, np.ndarray]:
     conditions = [fb.condition(self.kind) for fb in ro.feedback]
-    out = chat.retemplate_batch(tok, ro.prompts, ro.responses, conditions, max_len)
-    out.pop("truncated")
-    return out
+    return chat.retemplate_batch(tok, ro.prompts, ro.responses, conditions, max_len)
 
 
 @ONLINE_OBJECTIVES.register("grpo")
@@ -124,7 +116,7 @@ class GrpoObjective:
   def batch(self, tok, ro: Rollouts, max_len: int) -> Dict[str, np.ndarray]:
     rows = [(list(p) + list(r), [0] * len(p) + [1] * len(r))
             for p, r in zip(ro.prompts, ro.responses)]
-    out = _pad_rows(tok, rows, max_len)
+    out = chat.pad_rows(rows, tok.pad_id, max_len)
     old = np.zeros_like(out["loss_mask"])  # [R, T]
     for i, (p, r) in enumerate(zip(ro.prompts, ro.responses)):
       n = max(0, min(len(r), max_len - len(p)))
@@ -283,6 +275,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   progress = metrics_lib.Progress(rounds, start_round)
   kill_at = int(config.debug.get("kill_at_round", -1))
   history: List[Dict[str, float]] = []
+  warned_cut = False
   try:
     for r in range(start_round, rounds):
       t0 = time.perf_counter()
@@ -316,6 +309,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
 
       # Sequential mini-batch updates on the re-templated rows.
       batch = objective.batch(tok, ro, int(on.max_len))
+      cut = batch.pop("truncated")  # [R] rows cut at online.max_len: loss on a prefix.
+      if cut.any() and not warned_cut:
+        warned_cut = True
+        logging.warning("Round %d: %d of %d training rows are longer than online.max_len="
+                        "%d and lose their end; raise online.max_len (rollout/cut_rows "
+                        "counts them each round).", r + 1, int(cut.sum()), len(cut),
+                        int(on.max_len))
       pending = metrics_lib.PendingMetrics()
       for j, mb in enumerate(_split_rows(batch, int(on.mini_batch))):
         state, m = train_step(state, par.put_batch(mb))
@@ -329,6 +329,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           "rollout/correct": float(np.mean([fb.correct for fb in feedback])),
           "rollout/length": float(np.mean(out.lengths)),
           "rollout/truncated": float(np.mean(out.lengths >= int(on.max_new_tokens))),
+          "rollout/cut_rows": float(np.mean(cut)),
           "feedback/hits": float(env.hits), "feedback/misses": float(env.misses),
           "time/round_s": time.perf_counter() - t0,
       }

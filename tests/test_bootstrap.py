@@ -67,6 +67,10 @@ def test_fcp_rows_hold_sampled_response_under_fresh_condition():
     np.testing.assert_array_equal(batch["tokens"][i][mask > 0], ro.responses[i])
     text = tok.decode(batch["tokens"][i, :n].tolist())
     assert fresh[i] in text and C_PLUS not in text
+  # Rows longer than max_len are flagged (the driver counts them as rollout/cut_rows).
+  assert batch["truncated"].tolist() == [0, 0]
+  long_first = len(chat.encode_prompt(tok, "3+4=?", fresh[0], system=None)) + 3
+  assert objective.batch(tok, ro, max_len=long_first)["truncated"].tolist() == [1, 0]
 
 
 def test_fcp_condition_kind_is_configurable():
