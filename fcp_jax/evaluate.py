@@ -112,6 +112,12 @@ def negative_pool(env: Any, kind: str) -> Optional[pool_lib.ConditionPool]:
       source="fully_negative", env=env.config_key())) if texts else None
 
 
+def config_negatives(ev: ml_collections.ConfigDict) -> Optional[pool_lib.ConditionPool]:
+  """``negative_pool`` of the env named by ``ev.feedback`` (``None`` when unset)."""
+  spec = ev.get("feedback")
+  return negative_pool(feedback_base.FEEDBACK_ENVS.build(spec), ev.kind) if spec else None
+
+
 def score_responses(examples: Sequence[tasks_lib.Example], texts: Sequence[str],
                     lengths: Sequence[int]) -> Dict[str, np.ndarray]:
   """Per-question correctness, has-answer and length arrays."""
@@ -238,13 +244,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   qlambda_fn = step_lib.make_qlambda_fn(model_cfg, config.quant)
   qlambda = qlambda_fn(step_lib.final_qlambda_step(config.quant, model_cfg.num_layers))
   pool = pool_lib.ConditionPool.load(ev.pool) if ev.pool else None
-  negatives = (negative_pool(feedback_base.FEEDBACK_ENVS.build(ev.feedback), ev.kind)
-               if ev.get("feedback") else None)
   examples = tasks_lib.TASKS.build(ev.task, split="eval", size=ev.size, seed=ev.task_seed)
   results = evaluate_policy(
       sampler_lib.Sampler(model, tok, prompt_bucket=32), params, examples,
       conditions=[c for c in ev.conditions if c != "pool" or pool is not None],
-      seeds=list(ev.seeds), pool=pool, negatives=negatives, kind=ev.kind,
+      seeds=list(ev.seeds), pool=pool, negatives=config_negatives(ev),
+      kind=ev.kind,
       texts=dict(negative=ev.negative, positive=ev.positive),
       system=ev.system or None, instruction=ev.instruction,
       max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, qlambda=qlambda)

@@ -55,7 +55,6 @@ from fcp_jax.data import chat
 from fcp_jax.data import tasks as tasks_lib
 from fcp_jax.data import tfds_builders
 from fcp_jax.data import tokenizer as tokenizer_lib
-from fcp_jax.feedback import base as feedback_base
 from fcp_jax.feedback import pool as pool_lib
 from fcp_jax.sampling import sampler as sampler_lib
 from fcp_jax.training import checkpoint as checkpoint_lib
@@ -509,8 +508,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   # 8. Evaluation under conditions.
   # -------------------------------------------------------------------------------------
   ev = config.eval
-  negatives = (evaluate_lib.negative_pool(feedback_base.FEEDBACK_ENVS.build(ev.feedback),
-                                          kind) if ev.get("feedback") else None)
+  negatives = evaluate_lib.config_negatives(ev)
   evaluations = {}
   for method in config.methods:
     if method not in METHOD_STAGES:

@@ -174,3 +174,11 @@ def test_fallback_negatives_are_the_critics_own_words():
       Critic(seed=s).one(tasks.Example(uid="u", question="1+1=?", answer="2",
                                        steps=tasks.evaluate("1+1")[1]),
                          "1+1=2\n#### 2").reviewer for s in range(3000)}
+
+
+def test_config_negatives_follow_eval_feedback():
+  from fcp_jax import config_lib  # pylint: disable=g-import-not-at-top
+  ev = config_lib.load_config("configs/arith_fcp.py:runlocal").eval
+  assert evaluate.config_negatives(ev).conditions == Critic(seed=0).fully_negative(ev.kind)
+  ev.feedback = ""
+  assert evaluate.config_negatives(ev) is None
