@@ -171,10 +171,13 @@ def get_config(arg=None):
   #    and lift the chains under c+: 5000 instead of 3000 (and 8 bootstrap rounds
   #    instead of 12) ended 6 points higher under pool c+. 1500 sampled prompts instead
   #    of 2000 pay for the longer warm-up (GRPO's equal budget shrinks with them).
+  #    Pools from the samples' feedback: c+ are the correct verdicts scored ≥ 8; their
+  #    mirror image, the wrong ones scored ≤ 10 - 8 = 2, are evaluation's fully negative
+  #    condition (mostly bare wrong guesses and chains that slip, ~400 phrasings).
   config.collect = ml_collections.ConfigDict(dict(
       prompts=1500, num_samples=4, pairs=0, references=5000, sampling="temperature(t=1.0)",
       max_new_tokens=48, batch_prompts=200, eval_fraction=0.05,
-      pool_min_score=8, pool_require_correct=True))
+      pool_min_score=8, pool_require_correct=True, negative_max_score=2))
 
   # 3. Offline FCP on the triples: log π(y | <EF>c</EF> x). The warm-up never saw
   #    feedback text, so the first steps are a shock (response loss ~1.7 against ~0.19
@@ -203,12 +206,16 @@ def get_config(arg=None):
                         max_new=48)
 
   # 5. Evaluation: greedy, held-out prompts, under each condition, two seeds (only the
-  #    draws of pool c+ and of the critic's fully negative verdicts depend on the seed).
+  #    draws of pool c+ and of the worst verdicts depend on the seed). "no_answer" (the
+  #    critic's verdicts on responses without an answer, which the samples never earn)
+  #    can join the conditions. ``pool`` and ``negatives`` are paths for the standalone
+  #    ``fcp_jax.evaluate`` (the pipeline passes the collect stage's pools).
   config.eval = ml_collections.ConfigDict(dict(
       task=TASK, size=200, task_seed=arg.seed, conditions=("pool", "null", "negative",
                                                            "positive"),
       seeds=(0, 1), kind=KIND, feedback=FEEDBACK, negative="", positive="",
-      instruction="none", system="", max_new_tokens=48, batch_size=200, pool=""))
+      instruction="none", system="", max_new_tokens=48, batch_size=200, pool="",
+      negatives=""))
   config.methods = ("warmup", "offline_fcp", "fcp_bootstrap", "rft", "grpo")
 
   if arg.runlocal:
@@ -222,7 +229,7 @@ def get_config(arg=None):
     config.warmup.quant.lambda_ramp = 2 if arg.ternary else 0
     config.collect.update(prompts=24, num_samples=4, pairs=1, references=8, max_new_tokens=12,
                           batch_prompts=24, eval_fraction=0.2, pool_min_score=0,
-                          pool_require_correct=False)
+                          pool_require_correct=False, negative_max_score=10)
     for name in ("bootstrap", "grpo"):
       config[name].online.update(task_size=96, rounds=2, prompts_per_step=4,
                                  num_samples=2, mini_batch=8, max_new_tokens=12)

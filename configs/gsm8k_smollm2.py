@@ -206,11 +206,13 @@ def get_config(arg=None):
     config.warmup.quant.update(lambda_ramp=100, lambda_stagger=3)
 
   # 2. Collect 8 samples per train prompt (T=1, null condition); keep prompts with
-  #    mixed outcomes, one correct and one incorrect response each; pool of c+.
+  #    mixed outcomes, one correct and one incorrect response each; pool of c+ and
+  #    its mirror image, the wrong verdicts scored ≤ 2 (the fully negative condition).
   config.collect = ml_collections.ConfigDict(dict(
       prompts=train_size, num_samples=8, pairs=1, references=0,
       sampling="temperature(t=1.0)", max_new_tokens=192, batch_prompts=64,
-      eval_fraction=0.02, pool_min_score=8, pool_require_correct=True))
+      eval_fraction=0.02, pool_min_score=8, pool_require_correct=True,
+      negative_max_score=2))
 
   # 3. Offline FCP on the triples: log π(y | <EF>c</EF> x), ~1 epoch of the triples.
   config.offline = _offline(arg, objective="fcp", steps=120, batch=64, lr=5e-5,
@@ -237,7 +239,7 @@ def get_config(arg=None):
       task=TASK, size=test_size, task_seed=task_seed,
       conditions=("pool", "null", "negative", "positive"), seeds=(0, 1, 2, 3),
       kind=KIND, feedback=FEEDBACK, negative="", positive="", instruction=instruction,
-      system=system, max_new_tokens=256, batch_size=512, pool=""))
+      system=system, max_new_tokens=256, batch_size=512, pool="", negatives=""))
   config.methods = ("warmup", "offline_fcp", "fcp_bootstrap", "rft", "grpo")
 
   if arg.runlocal:
@@ -255,7 +257,8 @@ def get_config(arg=None):
       config[name].data.max_len = 128
       config[name].eval.every = 0
     config.collect.update(num_samples=4, max_new_tokens=32, batch_prompts=train_size,
-                          eval_fraction=0.2, pool_min_score=0, pool_require_correct=False)
+                          eval_fraction=0.2, pool_min_score=0, pool_require_correct=False,
+                          negative_max_score=10)
     for name in ("bootstrap", "grpo"):
       config[name].online.update(rounds=1, prompts_per_step=2, num_samples=2,
                                  mini_batch=4, max_new_tokens=32, max_len=128,

@@ -1,7 +1,8 @@
 """Evaluation under feedback conditions (``docs/fcp_method.md`` §1.5, Table 3).
 
     python -m fcp_jax.evaluate --config configs/arith_fcp.py:runlocal,stage=eval \\
-        --workdir DIR --config.init_from=RUN_DIR --config.eval.pool=POOL.json
+        --workdir DIR --config.init_from=RUN_DIR --config.eval.pool=POOL.json \\
+        --config.eval.negatives=NEGATIVES.json
 
 or ``evaluate_policy(sampler, params, examples, ...)`` from another driver.
 
@@ -11,11 +12,15 @@ registry name (``CONDITIONS``):
 * ``pool``: one ``c+`` per question drawn from the positive pool with a seeded RNG (the
   paper's protocol; one draw per seed);
 * ``null``: ``<EF></EF>``;
-* ``negative``: a fully negative condition: one per question drawn with the seed from
-  the feedback env's own fully negative verdicts (``eval.feedback``; for the critic its
-  144 reviewer texts for a response with no final answer, score 0), the mirror image of
-  pool c+; the fixed ``eval.negative`` text when given, or ``NEGATIVE[kind]`` when the
-  env cannot list its verdicts;
+* ``negative``: a fully negative condition, the mirror image of pool c+: one per question
+  drawn with the seed from the worst verdicts the feedback env gave the policy's own
+  collected samples (``negatives.json`` of the pipeline's collect stage: score ≤ 2 and
+  wrong; ``eval.negatives`` for this driver); the fixed ``eval.negative`` text when
+  given, or ``NEGATIVE[kind]`` without a pool;
+* ``no_answer``: one per question drawn with the seed from every verdict the env writes
+  for a response with no final answer (``eval.feedback``; for the critic 144 reviewer
+  texts, score 0). The policy's samples almost never earn them, so this measures how
+  the policy extrapolates to harsh verdicts it never saw;
 * ``positive``: a fixed positive condition (``POSITIVE[kind]`` or ``eval.positive``);
 * ``none``: no ``<EF>`` wrapper at all (plain prompt).
 
@@ -54,8 +59,8 @@ POSITIVE = {
     "user": "Thanks, that looks right to me! Really helpful.",
     "critique": "The final answer is correct and every calculation checks out.",
 }
-# Fallback negatives (for envs that cannot list their fully negative verdicts): what the
-# critic says of a response with no final answer, in the paper's fully negative words.
+# Fallback negatives (when no pool of the worst verdicts is given): what the critic says
+# of a response with no final answer, in the paper's fully negative words.
 NEGATIVE = {
     "reviewer": "Incomplete and disorganized; entirely without a conclusion.",
     "user": "I'm lost, honestly. Not what I was hoping for.",
@@ -90,12 +95,25 @@ def no_conditions(n: int, **unused) -> List[Optional[str]]:
 def negative_conditions(n: int, *, kind: str, seed: int = 0, text: str = "",
                         negatives: Optional[pool_lib.ConditionPool] = None, **unused
                         ) -> List[Optional[str]]:
-  """``text`` if given, else one of the env's fully negative verdicts per question."""
+  """``text`` if given, else one of the worst verdicts (``negatives``) per question."""
   del unused
   if text or negatives is None:
     return [text or NEGATIVE[kind]] * n
   rng = np.random.default_rng([seed, 11])
   return [negatives.sample(rng) for _ in range(n)]
+
+
+@CONDITIONS.register("no_answer")
+def no_answer_conditions(n: int, *, seed: int = 0,
+                         no_answer: Optional[pool_lib.ConditionPool] = None, **unused
+                         ) -> List[Optional[str]]:
+  """One of the env's verdicts on a response without a final answer per question."""
+  del unused
+  if no_answer is None:
+    raise ValueError("The 'no_answer' condition needs the feedback env's verdicts on "
+                     "responses without a final answer (eval.feedback names the env).")
+  rng = np.random.default_rng([seed, 13])
+  return [no_answer.sample(rng) for _ in range(n)]
 
 
 @CONDITIONS.register("positive")
@@ -105,17 +123,19 @@ def positive_conditions(n: int, *, kind: str, text: str = "", **unused
   return [text or POSITIVE[kind]] * n
 
 
-def negative_pool(env: Any, kind: str) -> Optional[pool_lib.ConditionPool]:
-  """The env's fully negative verdicts as a pool (``None`` if it cannot list them)."""
-  texts = feedback_base.fully_negative_texts(env, kind)
+def no_answer_pool(env: Any, kind: str) -> Optional[pool_lib.ConditionPool]:
+  """The env's verdicts on no-answer responses (``None`` if it cannot list them)."""
+  texts = feedback_base.no_answer_texts(env, kind)
   return pool_lib.ConditionPool(texts, kind=kind, settings=dict(
-      source="fully_negative", env=env.config_key())) if texts else None
+      source="no_answer_verdicts", env=env.config_key())) if texts else None
 
 
-def config_negatives(ev: ml_collections.ConfigDict) -> Optional[pool_lib.ConditionPool]:
-  """``negative_pool`` of the env named by ``ev.feedback`` (``None`` when unset)."""
+def config_no_answer(ev: ml_collections.ConfigDict) -> Optional[pool_lib.ConditionPool]:
+  """``no_answer_pool`` of ``ev.feedback``'s env if ``ev.conditions`` asks for it."""
   spec = ev.get("feedback")
-  return negative_pool(feedback_base.FEEDBACK_ENVS.build(spec), ev.kind) if spec else None
+  if not spec or "no_answer" not in ev.conditions:
+    return None
+  return no_answer_pool(feedback_base.FEEDBACK_ENVS.build(spec), ev.kind)
 
 
 def score_responses(examples: Sequence[tasks_lib.Example], texts: Sequence[str],
@@ -147,19 +167,21 @@ def evaluate_policy(sampler: sampler_lib.Sampler, params: Any,
                     examples: Sequence[tasks_lib.Example], *, conditions: Sequence[str],
                     seeds: Sequence[int], pool: Optional[pool_lib.ConditionPool] = None,
                     negatives: Optional[pool_lib.ConditionPool] = None,
+                    no_answer: Optional[pool_lib.ConditionPool] = None,
                     kind: str = "reviewer", texts: Optional[Mapping[str, str]] = None,
                     system: Optional[str] = None, instruction: str = "none",
                     max_new_tokens: int = 64, batch_size: int = 256,
                     qlambda: Any = None) -> Dict[str, Dict[str, Any]]:
   """Greedy accuracy of ``params`` on ``examples`` under each named condition.
 
-  ``pool`` holds the c+ of the ``pool`` condition, ``negatives`` the env's fully
-  negative verdicts of the ``negative`` one (see ``negative_pool``); conditions drawn
-  from a pool are decoded once per seed, the others once.
+  ``pool`` holds the c+ of the ``pool`` condition, ``negatives`` the worst verdicts of
+  the ``negative`` one, ``no_answer`` those of ``no_answer`` (see ``no_answer_pool``);
+  conditions drawn from a pool are decoded once per seed, the others once.
   """
   tok = sampler.tokenizer
   texts = dict(texts or {})
-  seeded = {"pool"} | ({"negative"} if negatives and not texts.get("negative") else set())
+  seeded = {"pool", "no_answer"} | (
+      {"negative"} if negatives and not texts.get("negative") else set())
   questions = [tasks_lib.format_question(e, instruction) for e in examples]
   results = {}
   for name in conditions:
@@ -167,7 +189,7 @@ def evaluate_policy(sampler: sampler_lib.Sampler, params: Any,
     per_seed = []
     for s in (seeds if name in seeded else seeds[:1]):
       conds = build(len(examples), seed=int(s), pool=pool, negatives=negatives,
-                    kind=kind, text=texts.get(name, ""))
+                    no_answer=no_answer, kind=kind, text=texts.get(name, ""))
       prompts = [chat.encode_prompt(tok, q, c, system=system)
                  for q, c in zip(questions, conds)]
       out_texts, lengths = [], []
@@ -244,12 +266,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   qlambda_fn = step_lib.make_qlambda_fn(model_cfg, config.quant)
   qlambda = qlambda_fn(step_lib.final_qlambda_step(config.quant, model_cfg.num_layers))
   pool = pool_lib.ConditionPool.load(ev.pool) if ev.pool else None
+  negatives = pool_lib.ConditionPool.load(ev.negatives) if ev.get("negatives") else None
   examples = tasks_lib.TASKS.build(ev.task, split="eval", size=ev.size, seed=ev.task_seed)
   results = evaluate_policy(
       sampler_lib.Sampler(model, tok, prompt_bucket=32), params, examples,
       conditions=[c for c in ev.conditions if c != "pool" or pool is not None],
-      seeds=list(ev.seeds), pool=pool, negatives=config_negatives(ev),
-      kind=ev.kind,
+      seeds=list(ev.seeds), pool=pool, negatives=negatives,
+      no_answer=config_no_answer(ev), kind=ev.kind,
       texts=dict(negative=ev.negative, positive=ev.positive),
       system=ev.system or None, instruction=ev.instruction,
       max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, qlambda=qlambda)

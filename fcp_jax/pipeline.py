@@ -19,8 +19,10 @@ interrupted resumes from its own checkpoints):
    feedback from the cached env, prompts with mixed outcomes only, ``pairs`` correct and
    ``pairs`` incorrect responses each (``pairs=0``: all of them), plus the warm-up's
    references of ``references`` further prompts with the env's feedback on them → the
-   triples dataset and the positive pool (``pool.json``: score ≥ ``pool_min_score`` among
-   the samples, see ``feedback/pool.py``);
+   triples dataset, the positive pool (``pool.json``: score ≥ ``pool_min_score`` among
+   the samples, see ``feedback/pool.py``) and its mirror image, the worst verdicts
+   (``negatives.json``: wrong and score ≤ ``negative_max_score``), which evaluation
+   draws its fully negative condition from;
 4. ``offline_fcp/``: NLL of ``response | <EF>c</EF> question`` on the triples;
 5. ``fcp_bootstrap/``: online rounds from offline FCP (``fcp_jax.bootstrap``);
 6. ``rft/``: baseline, fine-tunes the warm-up on every correct sample (under the null
@@ -431,13 +433,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
         [r["feedback"] for r in rows], kind=kind, min_score=col.pool_min_score,
         require_correct=col.pool_require_correct)
     pool.save(os.path.join(folder, "pool.json"))
+    try:
+      negatives = pool_lib.ConditionPool.build(
+          [r["feedback"] for r in rows], kind=kind, min_score=0,
+          max_score=col.negative_max_score, require_incorrect=True)
+      negatives.save(os.path.join(folder, "negatives.json"))
+    except ValueError:  # No wrong sample scored that low (warned about below).
+      negatives = ()
     # Correct samples for the RFT baseline (its second, equal-budget share comes later).
     _write_json(os.path.join(folder, "correct.json"),
                 [dict(uid=r["example"].uid, question=r["question"], response=r["response"],
                       feedback=r["feedback"].to_dict()) for r in rows + references
                  if r["feedback"].correct and is_plain(r["response"])])
     return dict(stats, samples=len(rows), triples=len(records), pool=len(pool),
-                references=len(references),
+                negatives=len(negatives), references=len(references),
                 pool_stats=pool.stats, sample_accuracy=float(np.mean(
                     [r["feedback"].correct for r in rows])),
                 feedback_misses=env.misses, feedback_hits=env.hits)
@@ -445,6 +454,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   collected = stages.run("collect", collect)
   pool_path = os.path.join(stages.path("collect"), "pool.json")
   pool = pool_lib.ConditionPool.load(pool_path)
+  negatives_path = os.path.join(stages.path("collect"), "negatives.json")
+  negatives = None
+  if os.path.exists(negatives_path):
+    negatives = pool_lib.ConditionPool.load(negatives_path)
+  else:
+    logging.warning("%s is missing (no wrong sample scored <= %d, or a run collected "
+                    "before it existed): the 'negative' condition is the fixed text %r.",
+                    negatives_path, col.negative_max_score,
+                    config.eval.negative or evaluate_lib.NEGATIVE[kind])
 
   # -------------------------------------------------------------------------------------
   # 4. Offline FCP from the warm-up.
@@ -508,7 +526,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   # 8. Evaluation under conditions.
   # -------------------------------------------------------------------------------------
   ev = config.eval
-  negatives = evaluate_lib.config_negatives(ev)
+  no_answer = evaluate_lib.config_no_answer(ev)
   evaluations = {}
   for method in config.methods:
     if method not in METHOD_STAGES:
@@ -520,7 +538,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       results = evaluate_lib.evaluate_policy(
           policy.sampler, policy.load(stages.path(folder_name)), eval_examples[:ev.size],
           conditions=list(ev.conditions), seeds=list(ev.seeds), pool=pool,
-          negatives=negatives, kind=kind,
+          negatives=negatives, no_answer=no_answer, kind=kind,
           texts=dict(negative=ev.negative, positive=ev.positive), system=system,
           instruction=ev.instruction, max_new_tokens=ev.max_new_tokens,
           batch_size=ev.batch_size, qlambda=policy.qlambda)

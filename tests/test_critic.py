@@ -145,10 +145,10 @@ def test_feedback_record():
   assert Feedback.from_dict(fb.to_dict()) == fb
 
 
-def test_fully_negative_lists_exactly_the_no_answer_verdicts(env):
-  reviewer = env.fully_negative("reviewer")
+def test_no_answer_verdicts_lists_exactly_what_the_critic_writes_without_answer(env):
+  reviewer = env.no_answer_verdicts("reviewer")
   assert len(reviewer) == len(set(reviewer)) == 4 * 4 * 3 * 3
-  user, critique = env.fully_negative("user"), env.fully_negative("critique")
+  user, critique = env.no_answer_verdicts("user"), env.no_answer_verdicts("critique")
   seen = set()
   for i in range(300):  # Responses with no final answer: score 0, texts from the lists.
     ex = Example(uid=f"u{i}", question=f"{i}+1=?", answer=str(i + 1),
@@ -163,4 +163,4 @@ def test_fully_negative_lists_exactly_the_no_answer_verdicts(env):
   # A wrong but answered response gets none of them.
   assert env.one(EX, "#### 13").reviewer not in reviewer
   with pytest.raises(KeyError, match="kind"):
-    env.fully_negative("score")
+    env.no_answer_verdicts("score")

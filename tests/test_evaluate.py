@@ -128,24 +128,28 @@ def test_results_files_and_tables(tmp_path):
   assert "| m | 100.0 ± 0.0 | 0.0 ± 0.0 | – |" in table
 
 
-def test_negative_condition_draws_the_envs_fully_negative_verdicts(tmp_path):
+def _worst_verdicts():
+  """The negative pool as the pipeline builds it: wrong verdicts scored <= 2."""
   critic = Critic(seed=0)
-  negatives = evaluate.negative_pool(critic, "reviewer")
-  assert negatives.conditions == critic.fully_negative("reviewer")
-  # A cache wrapper answers for the env it wraps; an env that cannot list them gives None.
-  cached = CachedFeedbackEnv(critic, str(tmp_path / "cache.jsonl"))
-  assert evaluate.negative_pool(cached, "user").conditions == critic.fully_negative("user")
+  example = tasks.Example(uid="u", question="4-9+7=?", answer="2",
+                          steps=tasks.evaluate("4-9+7")[1])
+  feedback = [critic.one(example, r) for r in
+              [f"#### {g}" for g in range(3, 60)] + ["4-9=-5\n-5+7=2\n#### 2"]]
+  worst = ConditionPool.build(feedback, min_score=0, max_score=2, require_incorrect=True)
+  return worst, feedback
 
-  class Judge:
-    def config_key(self):
-      return "judge"
-  assert evaluate.negative_pool(Judge(), "reviewer") is None
 
+def test_negative_condition_draws_the_worst_verdicts():
+  negatives, feedback = _worst_verdicts()
+  # Every bare wrong guess scores 2; the clean chain (10) stays out.
+  assert {f.score for f in feedback[:-1]} == {2} and feedback[-1].score == 10
+  assert set(negatives.conditions) == {f.reviewer for f in feedback[:-1]}
+  assert len(negatives) > 20
   draw = evaluate.CONDITIONS.get("negative")
   a = draw(40, seed=3, kind="reviewer", negatives=negatives)
   assert a == draw(40, seed=3, kind="reviewer", negatives=negatives)
   assert a != draw(40, seed=4, kind="reviewer", negatives=negatives)
-  assert set(a) <= set(negatives.conditions) and len(set(a)) > 20
+  assert set(a) <= set(negatives.conditions) and len(set(a)) > 15
   # A fixed text overrides the pool; no pool falls back to the fixed NEGATIVE text.
   assert draw(2, seed=3, kind="reviewer", negatives=negatives, text="meh") == ["meh"] * 2
   assert draw(2, kind="user") == [evaluate.NEGATIVE["user"]] * 2
@@ -166,19 +170,48 @@ def test_negative_condition_draws_the_envs_fully_negative_verdicts(tmp_path):
   assert res["negative"]["num_seeds"] == 1
 
 
+def test_no_answer_condition_draws_the_envs_verdicts_on_no_answer(tmp_path):
+  critic = Critic(seed=0)
+  no_answer = evaluate.no_answer_pool(critic, "reviewer")
+  assert no_answer.conditions == critic.no_answer_verdicts("reviewer")
+  # A cache wrapper answers for the env it wraps; an env that cannot list them gives None.
+  cached = CachedFeedbackEnv(critic, str(tmp_path / "cache.jsonl"))
+  assert (evaluate.no_answer_pool(cached, "user").conditions
+          == critic.no_answer_verdicts("user"))
+
+  class Judge:
+    def config_key(self):
+      return "judge"
+  assert evaluate.no_answer_pool(Judge(), "reviewer") is None
+
+  draw = evaluate.CONDITIONS.get("no_answer")
+  a = draw(40, seed=3, no_answer=no_answer)
+  assert a == draw(40, seed=3, no_answer=no_answer) != draw(40, seed=4, no_answer=no_answer)
+  assert set(a) <= set(no_answer.conditions)
+  with pytest.raises(ValueError, match="eval.feedback"):
+    draw(2, seed=0)
+  examples = _examples(6)
+  sampler = ScriptedSampler(tokenizer_lib.CharTokenizer(), examples)
+  res = evaluate.evaluate_policy(sampler, None, examples, conditions=["no_answer"],
+                                 seeds=[0, 1], no_answer=no_answer, max_new_tokens=8)
+  assert res["no_answer"]["num_seeds"] == 2 and len(sampler.prompts) == 12
+
+
 def test_fallback_negatives_are_the_critics_own_words():
   critic = Critic(seed=0)
   for kind in ("reviewer", "user", "critique"):
-    assert evaluate.NEGATIVE[kind] in critic.fully_negative(kind)
+    assert evaluate.NEGATIVE[kind] in critic.no_answer_verdicts(kind)
   assert evaluate.POSITIVE["reviewer"] in {
       Critic(seed=s).one(tasks.Example(uid="u", question="1+1=?", answer="2",
                                        steps=tasks.evaluate("1+1")[1]),
                          "1+1=2\n#### 2").reviewer for s in range(3000)}
 
 
-def test_config_negatives_follow_eval_feedback():
+def test_config_no_answer_follows_eval_feedback_and_conditions():
   from fcp_jax import config_lib  # pylint: disable=g-import-not-at-top
   ev = config_lib.load_config("configs/arith_fcp.py:runlocal").eval
-  assert evaluate.config_negatives(ev).conditions == Critic(seed=0).fully_negative(ev.kind)
+  assert evaluate.config_no_answer(ev) is None  # Not among the default conditions.
+  ev.conditions = ("pool", "no_answer")
+  assert evaluate.config_no_answer(ev).conditions == Critic(seed=0).no_answer_verdicts(ev.kind)
   ev.feedback = ""
-  assert evaluate.config_negatives(ev) is None
+  assert evaluate.config_no_answer(ev) is None

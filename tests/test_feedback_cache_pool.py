@@ -135,8 +135,8 @@ def test_pool_filters_and_counts():
   pool = ConditionPool.build(RECORDS, min_score=8)
   assert pool.conditions == ("Correct and clear; rigorous.", "Sound and methodical.",
                              "Lucky guess, well presented.")
-  assert pool.stats == dict(records=8, below_threshold=1, incorrect=0, empty=1,
-                            excluded=2, duplicates=1)
+  assert pool.stats == dict(records=8, below_threshold=1, above_threshold=0, incorrect=0,
+                            correct=0, empty=1, excluded=2, duplicates=1)
   strict = ConditionPool.build(RECORDS, min_score=8, require_correct=True)
   assert "Lucky guess, well presented." not in strict.conditions
   lenient = ConditionPool.build(RECORDS, min_score=8, exclude=())
@@ -145,6 +145,18 @@ def test_pool_filters_and_counts():
   assert users.conditions == ("fine",)
   with pytest.raises(ValueError, match="empty"):
     ConditionPool.build(RECORDS, min_score=11)
+
+
+def test_negative_pool_mirrors_the_positive_one():
+  """The worst verdicts: score <= max_score and, with require_incorrect, wrong only."""
+  worst = ConditionPool.build(RECORDS, min_score=0, max_score=2, require_incorrect=True)
+  assert worst.conditions == ("Incorrect and careless.",)
+  assert worst.stats["above_threshold"] == 7 and worst.settings["max_score"] == 2
+  wrong = ConditionPool.build(RECORDS, min_score=0, require_incorrect=True)
+  assert wrong.conditions == ("Incorrect and careless.", "Lucky guess, well presented.")
+  assert wrong.stats["correct"] == 6  # The empty text is correct too.
+  with pytest.raises(ValueError, match="exclude each other"):
+    ConditionPool.build(RECORDS, require_correct=True, require_incorrect=True)
 
 
 def test_pool_save_load_and_sample(tmp_path):

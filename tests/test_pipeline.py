@@ -13,6 +13,7 @@ from fcp_jax import config_lib
 from fcp_jax import pipeline
 from fcp_jax.data import tasks
 from fcp_jax.data import tfds_builders
+from fcp_jax.feedback import pool as pool_lib
 from fcp_jax.feedback.base import Feedback
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,7 +159,8 @@ def test_tiny_pipeline_through_sweep_writes_every_artefact_and_resumes(tmp_path)
     results = json.load(f)
   for name in ("config.json", "results.json", "results.md",
                "plots/accuracy_per_method.png", "plots/accuracy_by_condition.png",
-               "plots/curves.png", "collect/pool.json", "fcp_bootstrap/metrics.jsonl",
+               "plots/curves.png", "collect/pool.json", "collect/negatives.json",
+               "fcp_bootstrap/metrics.jsonl",
                "grpo/metrics.jsonl", "warmup/metrics.jsonl"):
     assert (run / name).exists(), name
   for stage in ("data", "warmup", "collect", "offline_fcp", "fcp_bootstrap", "rft",
@@ -170,8 +172,13 @@ def test_tiny_pipeline_through_sweep_writes_every_artefact_and_resumes(tmp_path)
     for cond in ("pool", "null", "negative", "positive"):
       r = results["eval"][method][cond]
       assert 0.0 <= r["accuracy"] <= 1.0 and r["num_questions"] == 16
+    # Both pools are drawn per seed (a fixed negative text would be decoded once).
     assert results["eval"][method]["pool"]["num_seeds"] == 2
+    assert results["eval"][method]["negative"]["num_seeds"] == 2
   cfg = config_lib.load_config(f"{CONFIG}:runlocal")
+  negatives = pool_lib.ConditionPool.load(str(run / "collect" / "negatives.json"))
+  assert negatives.settings["require_incorrect"] and len(negatives) > 0
+  assert negatives.settings["max_score"] == cfg.collect.negative_max_score
   # The warm-up rows: answer-only references and random conditions, as configured.
   warm = tfds_builders.load_source(tfds_builders.TRIPLES, str(run / pipeline.TFDS_DIR),
                                    cfg.warmup.data.name, "train")

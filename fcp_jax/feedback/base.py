@@ -8,7 +8,7 @@ it returns one ``Feedback`` each, holding the published feedback styles
 * ``reviewer``: a high-level summary in adjectives and adverbs that never says where the
   answer goes wrong (the paper's default condition, "pro");
 * ``critique``: detailed; may name the first wrong step or missing value;
-* ``score``: an integer 0-10 (used by GRPO/RFT baselines and the positive-condition pool,
+* ``score``: an integer 0-10 (used by GRPO/RFT baselines and the condition pools,
   never by the FCP loss);
 * ``correct``: the task checker's verdict on the final answer (ground truth, also when a
   judge is noisy or failed).
@@ -107,17 +107,17 @@ class FeedbackEnv(Protocol):
     ...
 
 
-def fully_negative_texts(env: Any, kind: str) -> Tuple[str, ...]:
-  """The env's own *fully negative* conditions of style ``kind``, or ``()``.
+def no_answer_texts(env: Any, kind: str) -> Tuple[str, ...]:
+  """The env's verdicts of style ``kind`` on a response without an answer, or ``()``.
 
-  An env may list, in a method ``fully_negative(kind)``, every text it writes for the
+  An env may list, in a method ``no_answer_verdicts(kind)``, every text it writes for the
   worst possible response (for the rule-based critic: no final answer at all, score 0),
-  free of anything specific to one question. Evaluation draws its ``negative`` condition
-  from them, as it draws pool c+ from the best-scored feedback. Envs that cannot list
-  them (an LLM judge) return ``()``; a cache wrapper answers for the env it wraps.
+  free of anything specific to one question. Evaluation's ``no_answer`` condition draws
+  from them. Envs that cannot list them (an LLM judge) return ``()``; a cache wrapper
+  answers for the env it wraps.
   """
   if kind not in CONDITION_KINDS:
     raise KeyError(f"Unknown condition kind {kind!r}; known: {CONDITION_KINDS}.")
   env = getattr(env, "env", env)
-  texts = getattr(env, "fully_negative", None)
+  texts = getattr(env, "no_answer_verdicts", None)
   return tuple(texts(kind)) if texts is not None else ()

@@ -322,7 +322,7 @@ class Critic:
     return (f"critic(noise={self.noise}, seed={self.seed}, verbose_ratio="
             f"{self.verbose_ratio}, verbose_slack={self.verbose_slack}, v={VERSION})")
 
-  def fully_negative(self, kind: str) -> Tuple[str, ...]:
+  def no_answer_verdicts(self, kind: str) -> Tuple[str, ...]:
     """Every text this critic writes for a response with no final answer (score 0).
 
     Reviewer: all compositions of the ``no_answer`` bank (its words "incomplete",

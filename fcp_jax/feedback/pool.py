@@ -1,10 +1,13 @@
-"""The positive-condition pool ``{c+}``: feedback texts to condition on at inference.
+"""Condition pools: feedback texts to condition on at inference.
 
-Built from collected ``Feedback`` records (``docs/fcp_method.md`` §1.3 step 5, §1.5):
+The positive pool ``{c+}`` is built from collected ``Feedback`` records
+(``docs/fcp_method.md`` §1.3 step 5, §1.5); its mirror image, the pool of the worst
+verdicts on the same samples, gives evaluation its fully negative condition:
 
-* keep records with ``score >= min_score`` (default 8: the critic's "correct and clean"
-  band; the paper does not state its threshold, this is our documented choice) and,
-  with ``require_correct``, only correct ones;
+* keep records with ``min_score <= score <= max_score`` (c+: ``min_score`` 8, the
+  critic's "correct and clean" band; the paper does not state its threshold, this is
+  our documented choice; negatives: ``max_score`` 2) and, with ``require_correct``
+  (``require_incorrect``), only correct (incorrect) ones;
 * take the condition text of one ``kind`` (reviewer by default, the paper's "pro");
 * drop empty texts (failed judge replies) and length-related phrasings (regexes in
   ``DEFAULT_EXCLUDE``: concise, brief, short, ... as in the paper's "no_concise" pools,
@@ -37,7 +40,7 @@ def _normalize(text: str) -> str:
 
 
 class ConditionPool:
-  """An immutable list of positive conditions plus how it was built."""
+  """An immutable list of conditions plus how it was built."""
 
   def __init__(self, conditions: Sequence[str], *, kind: str = "reviewer",
                settings: Optional[Dict[str, Any]] = None,
@@ -54,20 +57,27 @@ class ConditionPool:
 
   @classmethod
   def build(cls, feedback: Iterable[Feedback], *, kind: str = "reviewer",
-            min_score: int = 8, require_correct: bool = False,
+            min_score: int = 8, max_score: int = 10, require_correct: bool = False,
+            require_incorrect: bool = False,
             exclude: Sequence[str] = DEFAULT_EXCLUDE) -> "ConditionPool":
     """Filters ``feedback`` into a pool (rules in the module docstring)."""
+    if require_correct and require_incorrect:
+      raise ValueError("require_correct and require_incorrect exclude each other.")
     patterns = [re.compile(p, re.IGNORECASE) for p in exclude]
-    stats = dict(records=0, below_threshold=0, incorrect=0, empty=0, excluded=0,
-                 duplicates=0)
+    stats = dict(records=0, below_threshold=0, above_threshold=0, incorrect=0, correct=0,
+                 empty=0, excluded=0, duplicates=0)
     seen, kept = set(), []
     for fb in feedback:
       stats["records"] += 1
       text = fb.condition(kind).strip()
       if fb.score < min_score:
         stats["below_threshold"] += 1
+      elif fb.score > max_score:
+        stats["above_threshold"] += 1
       elif require_correct and not fb.correct:
         stats["incorrect"] += 1
+      elif require_incorrect and fb.correct:
+        stats["correct"] += 1
       elif not text:
         stats["empty"] += 1
       elif any(p.search(text) for p in patterns):
@@ -78,8 +88,9 @@ class ConditionPool:
         seen.add(_normalize(text))
         kept.append(text)
     if not kept:
-      raise ValueError(f"The positive-condition pool is empty after filtering: {stats}.")
-    settings = dict(min_score=min_score, require_correct=require_correct,
+      raise ValueError(f"The condition pool is empty after filtering: {stats}.")
+    settings = dict(min_score=min_score, max_score=max_score,
+                    require_correct=require_correct, require_incorrect=require_incorrect,
                     exclude=list(exclude))
     return cls(kept, kind=kind, settings=settings, stats=stats)
 
