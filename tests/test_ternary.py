@@ -371,8 +371,9 @@ def test_quant_metrics_per_layer_unrolled_and_scanned():
   codes = np.asarray(ternary.weight_quantizer("absmean").quantize(kernel, {}).codes)
   name = "quant/layers_1/mlp/down_proj"
   assert metrics[f"{name}/zero_frac"] == pytest.approx((codes == 0).mean())
-  assert metrics[f"{name}/code_hist/-1"] == (codes == -1).sum()
-  assert metrics[f"{name}/code_hist/+1"] == (codes == 1).sum()
+  assert metrics[f"{name}/code_hist/neg"] == (codes == -1).sum()
+  assert metrics[f"{name}/code_hist/zero"] == (codes == 0).sum()
+  assert metrics[f"{name}/code_hist/pos"] == (codes == 1).sum()
   assert metrics[f"{name}/scale"] == pytest.approx(np.abs(np.asarray(kernel)).mean(),
                                                    rel=1e-5)
   assert len([k for k in metrics if k.endswith("/zero_frac")]) == 2 * 7 + 1

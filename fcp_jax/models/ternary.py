@@ -785,6 +785,8 @@ def fill_quant_params(model: nn.Module, params: Any, tokens: Array,
 def quant_metrics(intermediates: Any, prefix: str = "quant") -> Dict[str, float]:
   """Flattens sown monitoring values into ``{"quant/layers_0/attn/q_proj/zero_frac": …}``.
 
+  The code histogram becomes ``…/code_hist/neg``, ``…/zero`` and ``…/pos`` (counts).
+
   Scanned models (values stacked along a leading layer axis under ``layers``) are
   split into ``layers_{i}``. Also returns the mean zero fraction as ``{prefix}/zero_frac``.
   """
@@ -795,7 +797,8 @@ def quant_metrics(intermediates: Any, prefix: str = "quant") -> Dict[str, float]
   def emit(names, leaf_name, value):
     name = "/".join([prefix, *names, leaf_name])
     if leaf_name == "code_hist":
-      for label, v in zip(("-1", "0", "+1"), value):
+      # Codes -1, 0, +1 (names TensorBoard accepts).
+      for label, v in zip(("neg", "zero", "pos"), value):
         out[f"{name}/{label}"] = float(v)
     else:
       out[name] = float(value)
