@@ -11,10 +11,15 @@ XLA's ``cost_analysis`` of the compiled step, next to the ``6 * N * tokens`` est
 utilisation is the step's FLOP/s over the FLOP/s of a large jitted float32 matmul
 measured in the same process. The ternary mode uses ``weight_quant="absmean"``,
 ``act_quant="absmax_int8"`` at λ = 1 (fake quantization: float matmuls plus the
-quantizer work, so it is expected to be slower than float on CPU).
+quantizer work, so it is expected to be slower than float on CPU). It also prints
+XLA's scratch buffer per call and the host's minor page faults per step: with
+``FCP_JAX_MALLOC=system`` (glibc's defaults, see ``fcp_jax/host.py``) a scratch buffer
+over 64 MB is mapped afresh, and faulted in page by page, on every step.
 """
 
 import argparse
+import os
+import resource
 import time
 from typing import Dict, Optional
 
@@ -23,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fcp_jax import host
 from fcp_jax.models import transformer
 from fcp_jax.training import losses
 from fcp_jax.training import optim
@@ -92,19 +98,23 @@ def bench_mode(mode: str, args) -> Optional[Dict[str, float]]:
     compiled = train_step.jitted.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
   xla_flops = _flops(compiled)
+  temp_bytes = compiled.memory_analysis().temp_size_in_bytes
   state, m = train_step(state, batch)  # Warm-up.
   jax.block_until_ready(m)
   times = []
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(args.steps):
     t = time.perf_counter()
     state, m = train_step(state, batch)
     jax.block_until_ready(m)
     times.append(time.perf_counter() - t)
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
   n_params = transformer.count_params(state.params)
   tokens = args.batch * args.seq
   return dict(params=n_params, compile_s=compile_s, step_s=float(np.median(times)),
               best_s=min(times), xla_flops=xla_flops or float("nan"),
-              est_flops=6.0 * n_params * tokens, loss=float(m["loss"]))
+              est_flops=6.0 * n_params * tokens, loss=float(m["loss"]),
+              temp_mb=temp_bytes / 2**20, faults=faults / args.steps)
 
 
 def main():
@@ -118,12 +128,14 @@ def main():
   args = parser.parse_args()
 
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; variant "
-        f"{args.variant}; batch {args.batch} x {args.seq} tokens; {args.steps} steps")
+        f"{args.variant}; batch {args.batch} x {args.seq} tokens; {args.steps} steps; "
+        f"malloc {os.environ.get(host.ENV, 'tuned')} ({host.ENV})")
   peak = matmul_peak(args.matmul)
   print(f"jitted {args.matmul}^2 float32 matmul: {peak / 1e9:.1f} GFLOP/s")
   header = (f"{'mode':8s} {'params':>9s} {'compile s':>9s} {'median ms':>9s} "
             f"{'best ms':>8s} {'tokens/s':>9s} {'XLA GFLOP/step':>14s} "
-            f"{'6N GFLOP/step':>13s} {'GFLOP/s':>8s} {'of matmul':>9s}")
+            f"{'6N GFLOP/step':>13s} {'GFLOP/s':>8s} {'of matmul':>9s} "
+            f"{'scratch MB':>10s} {'faults/step':>11s}")
   rows = []
   for mode in args.modes.split(","):
     r = bench_mode(mode.strip(), args)
@@ -135,7 +147,8 @@ def main():
                 f"{1e3 * r['step_s']:9.1f} {1e3 * r['best_s']:8.1f} "
                 f"{args.batch * args.seq / r['step_s']:9,.0f} "
                 f"{r['xla_flops'] / 1e9:14.2f} {r['est_flops'] / 1e9:13.2f} "
-                f"{rate / 1e9:8.1f} {rate / peak:9.1%}")
+                f"{rate / 1e9:8.1f} {rate / peak:9.1%} {r['temp_mb']:10.1f} "
+                f"{r['faults']:11,.0f}")
   print(header)
   print("\n".join(rows))
   print("tokens/s and GFLOP/s use the median step time; the matmul figure is its best "

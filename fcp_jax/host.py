@@ -1,0 +1,46 @@
+"""Host malloc settings that keep XLA:CPU's per-call scratch buffer mapped.
+
+Every call of a compiled XLA:CPU executable allocates its scratch buffer ("preallocated
+temp": ~100 MB for the default experiment's train step) with ``malloc`` on a worker
+thread and frees it when the call ends. glibc serves a request that large with a fresh
+``mmap`` (a thread arena's heap holds at most 64 MB) and gives it back with ``munmap`` on
+``free``, so every step faults in and zeroes ~25,000 new pages. On 2 CPU cores that is
+~20% of a train step (system time 22 s of 146 s over 200 warm-up steps).
+
+``tune_malloc`` asks glibc (``mallopt``) to serve every thread from the main heap
+(``M_ARENA_MAX=1``), never with ``mmap`` (``M_MMAP_MAX=0``), and to keep freed memory at
+the top of the heap (``M_TRIM_THRESHOLD``, up to 2 GiB), so the scratch pages are reused from one call
+to the next: the default warm-up runs ~18% faster with bitwise the same numbers. The
+process keeps its peak heap instead of returning it to the system.
+
+``import fcp_jax`` applies it, before JAX starts its worker threads (a thread keeps the
+arena it first allocated from). ``FCP_JAX_MALLOC=system`` leaves glibc's defaults; other
+C libraries and systems are left alone.
+"""
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+ENV = "FCP_JAX_MALLOC"
+# mallopt parameters (glibc's malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+KEEP_FREED_BYTES = 2**31 - 1  # The most mallopt takes (an int): up to 2 GiB stay.
+
+
+def tune_malloc() -> bool:
+  """Applies the settings above; True when glibc accepted all of them."""
+  mode = os.environ.get(ENV, "tuned")
+  if mode not in ("tuned", "system"):
+    raise ValueError(f"{ENV}={mode!r}: expected 'tuned' or 'system'.")
+  if mode == "system" or not sys.platform.startswith("linux"):
+    return False
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.gnu_get_libc_version  # Only glibc has these semantics (musl has no arenas).
+  except (OSError, AttributeError):
+    return False
+  libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+  return all(libc.mallopt(param, value) == 1 for param, value in (
+      (M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, KEEP_FREED_BYTES)))
