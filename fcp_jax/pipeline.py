@@ -429,16 +429,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                                            r["feedback"], kind) for r in kept + references]
     build_dataset(tfds_builders.TRIPLES, split_records(records, col.eval_fraction, seed),
                   tfds_dir, config.offline.data.name)
-    pool = pool_lib.ConditionPool.build(
-        [r["feedback"] for r in rows], kind=kind, min_score=col.pool_min_score,
-        require_correct=col.pool_require_correct)
+    feedback = [r["feedback"] for r in rows]
+    pool = pool_lib.ConditionPool.build(feedback, kind=kind, min_score=col.pool_min_score,
+                                        require_correct=col.pool_require_correct)
     pool.save(os.path.join(folder, "pool.json"))
     try:
       negatives = pool_lib.ConditionPool.build(
-          [r["feedback"] for r in rows], kind=kind, min_score=0,
-          max_score=col.negative_max_score, require_incorrect=True)
+          feedback, kind=kind, min_score=0, max_score=col.negative_max_score,
+          require_incorrect=True)
       negatives.save(os.path.join(folder, "negatives.json"))
-    except ValueError:  # No wrong sample scored that low (warned about below).
+    except pool_lib.EmptyPoolError:  # No wrong sample scored that low (warned below).
       negatives = ()
     # Correct samples for the RFT baseline (its second, equal-budget share comes later).
     _write_json(os.path.join(folder, "correct.json"),
@@ -448,7 +448,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     return dict(stats, samples=len(rows), triples=len(records), pool=len(pool),
                 negatives=len(negatives), references=len(references),
                 pool_stats=pool.stats, sample_accuracy=float(np.mean(
-                    [r["feedback"].correct for r in rows])),
+                    [fb.correct for fb in feedback])),
                 feedback_misses=env.misses, feedback_hits=env.hits)
 
   collected = stages.run("collect", collect)

@@ -12,7 +12,7 @@ from fcp_jax.data.tasks import Example
 from fcp_jax.feedback.base import Feedback, failed_feedback
 from fcp_jax.feedback.cache import CachedFeedbackEnv, make_env
 from fcp_jax.feedback.critic import Critic
-from fcp_jax.feedback.pool import ConditionPool
+from fcp_jax.feedback.pool import ConditionPool, EmptyPoolError
 
 EXAMPLES = [Example(uid=f"u{i}", question=f"What is {i} + 5?", answer=str(i + 5),
                     steps=tasks.evaluate(f"{i}+5")[1]) for i in range(6)]
@@ -143,7 +143,7 @@ def test_pool_filters_and_counts():
   assert "Accurate and concise; neat." in lenient.conditions
   users = ConditionPool.build(RECORDS, kind="user")
   assert users.conditions == ("fine",)
-  with pytest.raises(ValueError, match="empty"):
+  with pytest.raises(EmptyPoolError, match="empty"):
     ConditionPool.build(RECORDS, min_score=11)
 
 

@@ -35,6 +35,10 @@ DEFAULT_EXCLUDE = (r"\bconcise", r"\bbrief", r"\bshort", r"\bsuccinct", r"\bters
 Rng = Union[np.random.Generator, random.Random, int]
 
 
+class EmptyPoolError(ValueError):
+  """No feedback record passed ``ConditionPool.build``'s filters."""
+
+
 def _normalize(text: str) -> str:
   return " ".join(text.lower().split())
 
@@ -88,7 +92,7 @@ class ConditionPool:
         seen.add(_normalize(text))
         kept.append(text)
     if not kept:
-      raise ValueError(f"The condition pool is empty after filtering: {stats}.")
+      raise EmptyPoolError(f"The condition pool is empty after filtering: {stats}.")
     settings = dict(min_score=min_score, max_score=max_score,
                     require_correct=require_correct, require_incorrect=require_incorrect,
                     exclude=list(exclude))
