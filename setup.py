@@ -29,6 +29,8 @@ setuptools.setup(
         "reasoning-gym>=0.1.25,<0.2",
         "math-verify>=0.9.0,<0.10",
         "gguf>=0.19,<0.20",
+        "openai>=3.63,<4",
+        "httpx2>=2.16,<3",  # The judge's own HTTP client, also openai's.
     ],
     extras_require={
         "test": [

@@ -102,25 +102,13 @@ def _ternary(name: str) -> str:
   return name
 
 
-def _common(arg) -> ml_collections.ConfigDict:
-  """Fields every training stage shares (model, quantization, parallelism)."""
-  c = ml_collections.ConfigDict()
-  c.seed = arg.seed
-  c.tokenizer = TOKENIZER
-  c.log_every = 10
-  c.init_from = ""
-  c.model = ml_collections.ConfigDict(dict(
-      variant="smollm2-135m", vocab_size=VOCAB_SIZE, scan_layers=True, remat="none",
-      dtype="float32" if arg.runlocal else "bfloat16", **TERNARY[arg.ternary]))
-  c.quant = ml_collections.ConfigDict(dict(lambda_start=0, lambda_ramp=0,
-                                           lambda_stagger=0))
-  c.parallel = ml_collections.ConfigDict(dict(
-      mode="mesh", mesh_shape=(-1, 1, 1), rules=sharding.DEFAULT_RULES,
-      distributed=False, coordinator_address="", num_processes=0, process_id=-1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every=0, keep=1, async_save=False))
-  c.debug = ml_collections.ConfigDict(dict(nan_at_step=-1, kill_at_round=-1))
-  c.plots = True
-  return c
+def _stage(*, log_every: int = 10, checkpoint_every: int = 0
+           ) -> ml_collections.ConfigDict:
+  """Fields every training stage has besides the shared ones (``config_lib.DERIVED``)."""
+  return ml_collections.ConfigDict(dict(
+      log_every=log_every, init_from="", plots=True,
+      quant=dict(lambda_start=0, lambda_ramp=0, lambda_stagger=0),
+      checkpoint=dict(every=checkpoint_every, keep=1, async_save=False)))
 
 
 def _optim(lr: float, *, schedule: str = "cosine(end_factor=0.1)", warmup_frac=0.1,
@@ -131,43 +119,37 @@ def _optim(lr: float, *, schedule: str = "cosine(end_factor=0.1)", warmup_frac=0
       stage2_lr_factor=1.0, stage2_weight_decay=0.0))
 
 
-def _offline(arg, *, objective: str, steps: int, batch: int, lr: float, max_len: int,
-             data_name: str, system: str) -> ml_collections.ConfigDict:
-  """A ``fcp_jax.train`` config (the pipeline fills data_dir, init_from, tokenizer)."""
-  c = _common(arg)
+def _offline(*, objective: str, steps: int, batch: int, lr: float, max_len: int,
+             data_name: str) -> ml_collections.ConfigDict:
+  """A ``fcp_jax.train`` stage (the pipeline fills data_dir and init_from)."""
+  c = _stage(checkpoint_every=max(steps // 4, 1))
   c.objective = objective
   c.total_steps = steps
   c.batch_size = batch
   c.grad_accum = 1
   c.loss = "nll(aggregation='token-mean')"
   c.optim = _optim(lr)
-  c.checkpoint.every = max(steps // 2, 1)
   c.data = ml_collections.ConfigDict(dict(
       data_dir="", name=data_name, train_split="train", eval_split="eval",
-      max_len=max_len, pack=False, overflow="truncate", num_workers=0,
-      system=system or None))
+      max_len=max_len, pack=False, overflow="truncate", num_workers=0))
   c.eval = ml_collections.ConfigDict(dict(every=max(steps // 4, 1), batch_size=batch,
                                           max_batches=4))
   return c
 
 
-def _online(arg, *, objective: str, loss: str, rounds: int, prompts: int, samples: int,
-            mini_batch: int, lr: float, max_len: int, max_new: int, instruction: str,
-            system: str, task_size: int, task_seed: int) -> ml_collections.ConfigDict:
-  """A ``fcp_jax.bootstrap`` config (the pipeline fills init_from, pool, tokenizer)."""
-  c = _common(arg)
+def _online(*, objective: str, loss: str, rounds: int, prompts: int, samples: int,
+            mini_batch: int, lr: float, max_len: int, max_new: int, task_size: int
+            ) -> ml_collections.ConfigDict:
+  """A ``fcp_jax.bootstrap`` stage (the pipeline fills init_from and the pool)."""
+  c = _stage(log_every=1, checkpoint_every=5)
   c.objective = objective
   c.loss = loss
-  c.log_every = 1
   c.optim = _optim(lr, schedule="constant", warmup_frac=0.0, weight_decay=0.01,
                    b2=0.999)
-  c.checkpoint.every = 5
   c.online = ml_collections.ConfigDict(dict(
-      task=TASK, task_size=task_size, task_seed=task_seed, instruction=instruction,
-      system=system, rounds=rounds, prompts_per_step=prompts, num_samples=samples,
+      task_size=task_size, rounds=rounds, prompts_per_step=prompts, num_samples=samples,
       mini_batch=mini_batch, sampling="temperature(t=1.0)", max_new_tokens=max_new,
-      max_len=max_len, prompt_bucket=64, condition_kind=KIND,
-      fresh_cplus_per_rollout=False, feedback=FEEDBACK, pool=""))
+      max_len=max_len, prompt_bucket=64, fresh_cplus_per_rollout=False, pool=""))
   return c
 
 
@@ -180,26 +162,32 @@ def get_config(arg=None):
   system = "" if arg.runlocal else chat.DEFAULT_SYSTEM
   instruction = "short" if arg.runlocal else "marker"
   train_size, test_size = (5, 2) if arg.runlocal else (TRAIN_SIZE, TEST_SIZE)
-  task_seed = RUNLOCAL_TASK_SEED if arg.runlocal else arg.seed
 
+  # Shared settings: every stage's config is derived from these (config_lib.DERIVED).
   config = ml_collections.ConfigDict()
   config.seed = arg.seed
   config.pretrained = PRETRAINED.format(seed=arg.seed)
   config.tokenizer = TOKENIZER
   config.feedback = FEEDBACK
   config.kind = KIND
-  # Prompts: all of GSM8K train (warm-up, collection, online rounds) and test (eval).
+  config.model = ml_collections.ConfigDict(dict(
+      variant="smollm2-135m", vocab_size=VOCAB_SIZE, scan_layers=True, remat="none",
+      dtype="float32" if arg.runlocal else "bfloat16", **TERNARY[arg.ternary]))
+  config.parallel = ml_collections.ConfigDict(dict(
+      mode="mesh", mesh_shape=(-1, 1, 1), rules=sharding.DEFAULT_RULES,
+      distributed=False, coordinator_address="", num_processes=0, process_id=-1))
+  # Prompts: all of GSM8K train (warm-up, collection, online rounds) and test (eval);
+  # ``task_seed=None`` follows ``seed``.
   config.data = ml_collections.ConfigDict(dict(
-      task=TASK, train_size=train_size, eval_size=test_size, task_seed=task_seed,
-      instruction=instruction, system=system, direct_fraction=0.0, warmup_conditions=0.0))
+      task=TASK, train_size=train_size, eval_size=test_size,
+      task_seed=RUNLOCAL_TASK_SEED if arg.runlocal else None, instruction=instruction,
+      system=system, direct_fraction=0.0, warmup_conditions=0.0))
 
   # 1. SFT warm-up on the compact reference solutions under <EF></EF>: one epoch.
   #    Ternary: the QAT fine-tune to 1.58 bits happens here, over 4 epochs at a higher
-  #    LR, λ ramped 0 -> 1 layer by layer (layer l starts 3 l steps later) over the
-  #    first ~40% of the steps (HF "warmup quantization", extra-RMSNorm's gradual
-  #    layer-wise schedule).
-  config.warmup = _offline(arg, objective="warmup", steps=120, batch=64, lr=1e-4,
-                           max_len=384, data_name="sft", system=system)
+  #    LR, λ ramped 0 -> 1 layer by layer (layer l starts 3 l steps later).
+  config.warmup = _offline(objective="warmup", steps=120, batch=64, lr=1e-4,
+                           max_len=384, data_name="sft")
   if quantized:
     config.warmup.total_steps = 480
     config.warmup.optim.lr = 2e-4
@@ -215,32 +203,28 @@ def get_config(arg=None):
       negative_max_score=2))
 
   # 3. Offline FCP on the triples: log π(y | <EF>c</EF> x), ~1 epoch of the triples.
-  config.offline = _offline(arg, objective="fcp", steps=120, batch=64, lr=5e-5,
-                            max_len=448, data_name="triples", system=system)
+  config.offline = _offline(objective="fcp", steps=120, batch=64, lr=5e-5,
+                            max_len=448, data_name="triples")
 
   # 4. Online bootstrapping from offline FCP: sample under c+, train under fresh c'.
   config.bootstrap = _online(
-      arg, objective="fcp", loss="nll(aggregation='token-mean')", rounds=30,
-      prompts=256, samples=4, mini_batch=256, lr=1e-5, max_len=448, max_new=192,
-      instruction=instruction, system=system, task_size=train_size,
-      task_seed=task_seed)
+      objective="fcp", loss="nll(aggregation='token-mean')", rounds=30, prompts=256,
+      samples=4, mini_batch=256, lr=1e-5, max_len=448, max_new=192, task_size=train_size)
 
   # Baselines from the same warm-up and the same number of generated samples.
-  config.rft = _offline(arg, objective="rft_null", steps=120, batch=64, lr=5e-5,
-                        max_len=448, data_name="rft", system=system)
+  config.rft = _offline(objective="rft_null", steps=120, batch=64, lr=5e-5,
+                        max_len=448, data_name="rft")
   config.grpo = _online(
-      arg, objective="grpo", loss="grpo(clip_eps=0.2)", rounds=0, prompts=256,
-      samples=4, mini_batch=256, lr=1e-5, max_len=448, max_new=192,
-      instruction=instruction, system=system, task_size=train_size,
-      task_seed=task_seed)
+      objective="grpo", loss="grpo(clip_eps=0.2)", rounds=0, prompts=256, samples=4,
+      mini_batch=256, lr=1e-5, max_len=448, max_new=192, task_size=train_size)
 
   # 5. Evaluation: greedy on GSM8K test under each condition, 4 pool seeds.
   config.eval = ml_collections.ConfigDict(dict(
-      task=TASK, size=test_size, task_seed=task_seed,
-      conditions=("pool", "null", "negative", "positive"), seeds=(0, 1, 2, 3),
-      kind=KIND, feedback=FEEDBACK, negative="", positive="", instruction=instruction,
-      system=system, max_new_tokens=256, batch_size=512, pool="", negatives=""))
+      size=test_size, conditions=("pool", "null", "negative", "positive"),
+      seeds=(0, 1, 2, 3), negative="", positive="", max_new_tokens=256, batch_size=512,
+      pool="", negatives=""))
   config.methods = ("warmup", "offline_fcp", "fcp_bootstrap", "rft", "grpo")
+  config.on_change = "recompute"
 
   if arg.runlocal:
     # A few steps of every stage on 2 CPU cores. The warm-up sees its 4 SFT prompts (5
@@ -250,12 +234,14 @@ def get_config(arg=None):
     config.warmup.optim.update(lr=3e-4, schedule="constant", warmup_frac=0.0)
     config.warmup.data.max_len = 96
     config.warmup.eval.every = 0
+    config.warmup.checkpoint.every = 0
     if quantized:
       config.warmup.quant.update(lambda_ramp=4, lambda_stagger=0)
     for name in ("offline", "rft"):
       config[name].update(total_steps=2, batch_size=2, log_every=1)
       config[name].data.max_len = 128
       config[name].eval.every = 0
+      config[name].checkpoint.every = 0
     config.collect.update(num_samples=4, max_new_tokens=32, batch_prompts=train_size,
                           eval_fraction=0.2, pool_min_score=0, pool_require_correct=False,
                           negative_max_score=10)

@@ -6,13 +6,17 @@
 
 Each entry of ``get_sweep()`` (or of ``--sweep``, entries separated by ``;``) is a config
 arg string joined to the base arg (``runlocal,seed=1,ternary=False``); its pipeline
-runs in ``WORKDIR/<entry>`` and is resumable like any pipeline. The merged table groups
+runs in ``WORKDIR/<entry>-<hash of its resolved config, overrides included>`` and is
+resumable like any pipeline. Every entry keeps its stages in one store
+(``WORKDIR/stages``), so entries that differ only downstream share their warm-up and
+collection. The merged table groups
 entries by everything except the seed and reports mean ± std over seeds of each
 method's accuracy under each condition: ``WORKDIR/sweep.json``, ``sweep.md`` and
 ``sweep.png``. ``--config.k=v`` overrides apply to every entry.
 """
 
 import collections
+import hashlib
 import json
 import os
 import sys
@@ -23,11 +27,16 @@ from absl import logging
 import numpy as np
 
 from fcp_jax import config_lib
-from fcp_jax import pipeline
+from fcp_jax import experiment
 
 
-def entry_name(arg: str) -> str:
-  return arg.replace(",", "_").replace("=", "-") or "default"
+def entry_name(arg: str, config=None) -> str:
+  """``seed-0_ternary-True``, plus ``-<hash>`` of the resolved ``config`` when given."""
+  name = arg.replace(",", "_").replace("=", "-") or "default"
+  if config is None:
+    return name
+  text = json.dumps(config_lib.to_dict(config), sort_keys=True)
+  return f"{name}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:8]}"
 
 
 def group_key(arg: str) -> str:
@@ -104,7 +113,8 @@ def run_sweep(config_path: str, base_arg: str, sweep: Sequence[str], workdir: st
     config = config_lib.load_config(f"{config_path}:{full}")
     config_lib.apply_overrides(config, list(overrides))
     logging.info("Sweep entry %s", full)
-    entries[arg] = pipeline.run(config, os.path.join(workdir, entry_name(arg)))
+    entries[arg] = experiment.run(config, os.path.join(workdir, entry_name(arg, config)),
+                                  store=os.path.join(workdir, "stages"))
   merged = merge(entries)
   paths = {"json": os.path.join(workdir, "sweep.json"),
            "md": os.path.join(workdir, "sweep.md"),

@@ -14,6 +14,7 @@ valid keys.
 """
 
 import ast
+import copy
 import difflib
 import importlib.util
 import json
@@ -24,11 +25,26 @@ from typing import Any, Callable, Iterable, List, Sequence
 import ml_collections
 
 
+BOOL_SPELLINGS = {"true": True, "1": True, "yes": True, "false": False, "0": False,
+                  "no": False}
+
+
+def parse_bool(text: str, what: str) -> bool:
+  """``text`` as a bool; anything but ``BOOL_SPELLINGS`` is an error naming ``what``."""
+  value = BOOL_SPELLINGS.get(str(text).strip().lower())
+  if value is None:
+    raise ValueError(f"{what}: {text!r} is not a boolean; use one of "
+                     f"{sorted(BOOL_SPELLINGS)}.")
+  return value
+
+
 def parse_arg(arg: str | None, *, lazy: bool = False, **spec) -> ml_collections.ConfigDict:
   """Parses ``"variant=tiny,runlocal"`` against defaults ``spec`` (big_vision style).
 
   A bare word sets a boolean default to True. Values are cast to the type of their
-  default. Unknown names raise unless ``lazy`` is set (then they are kept as strings).
+  default: booleans accept only ``BOOL_SPELLINGS``, numbers must parse as their type;
+  anything else raises naming the arg. Unknown names raise unless ``lazy`` is set (then
+  they are kept as strings).
   """
   out = ml_collections.ConfigDict(dict(spec))
   for item in filter(None, (arg or "").split(",")):
@@ -48,11 +64,15 @@ def parse_arg(arg: str | None, *, lazy: bool = False, **spec) -> ml_collections.
         raise ValueError(f"Config arg {key!r} needs a value ({key}=...).")
       out[key] = True
     elif isinstance(default, bool):
-      out[key] = value.lower() in ("1", "true", "yes", "y")
-    elif default is None:
+      out[key] = parse_bool(value, f"Config arg {key!r}")
+    elif default is None or isinstance(default, str):
       out[key] = value
     else:
-      out[key] = type(default)(value)
+      try:
+        out[key] = type(default)(value)
+      except ValueError:
+        raise ValueError(f"Config arg {key}={value!r} is not a "
+                         f"{type(default).__name__}.") from None
   return out
 
 
@@ -70,27 +90,108 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return config
 
 
-# Sections of an FCP pipeline config that are run configs of their own.
-PIPELINE_STAGES = ("warmup", "offline", "rft", "bootstrap", "grpo")
+# ---------------------------------------------------------------------------------------
+# Pipeline configs: shared settings written once, stage configs derived from them.
+# ---------------------------------------------------------------------------------------
+
+# Sections of an FCP pipeline config that are run configs of their own, by driver kind.
+STAGE_KINDS = {"warmup": "offline", "offline": "offline", "rft": "offline",
+               "bootstrap": "online", "grpo": "online", "eval": "eval"}
+PIPELINE_STAGES = tuple(k for k in STAGE_KINDS if k != "eval")
+_COMMON = {"seed": "seed", "tokenizer": "tokenizer", "model": "model"}
+# Per stage kind: {key in the stage's resolved config: shared key of the pipeline
+# config}. These keys live only at the top of a pipeline config; resolution copies them
+# into every stage, so an override of the shared key reaches every stage.
+DERIVED = {
+    "offline": {**_COMMON, "parallel": "parallel", "data.system": "data.system"},
+    "online": {**_COMMON, "parallel": "parallel", "online.task": "data.task",
+               "online.task_seed": "data.task_seed",
+               "online.instruction": "data.instruction", "online.system": "data.system",
+               "online.condition_kind": "kind", "online.feedback": "feedback"},
+    "eval": {**_COMMON, "eval.task": "data.task", "eval.task_seed": "data.task_seed",
+             "eval.instruction": "data.instruction", "eval.system": "data.system",
+             "eval.kind": "kind", "eval.feedback": "feedback"},
+}
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _has(config: ml_collections.ConfigDict, dotted: str) -> bool:
+  node = config
+  for part in dotted.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def shared_value(config: ml_collections.ConfigDict, key: str) -> Any:
+  """The value of shared ``key`` that stages get (``data.task_seed=None``: the seed)."""
+  value = _get(config, key)
+  if key == "data.task_seed" and value is None:
+    return int(config.seed)  # No task seed of its own: the experiment's seed.
+  if isinstance(value, ml_collections.ConfigDict):
+    return copy.deepcopy(value)
+  return value
+
+
+def derived_from(stage_key: str) -> str | None:
+  """The shared key that ``stage_key`` (e.g. ``bootstrap.online.task``) is derived from."""
+  stage, _, rest = stage_key.partition(".")
+  if stage == "eval":  # The pipeline's eval section is the eval config's own section.
+    rest = stage_key
+  for key, shared in DERIVED.get(STAGE_KINDS.get(stage, ""), {}).items():
+    if rest == key or rest.startswith(key + "."):
+      return shared + rest[len(key):]
+  return None
+
+
+def is_pipeline(config: ml_collections.ConfigDict) -> bool:
+  return all(name in config for name in PIPELINE_STAGES)
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str
+                 ) -> ml_collections.ConfigDict:
+  """One stage's resolved run config from an FCP pipeline config.
+
+  The stage's own section plus every ``DERIVED`` key copied from the shared settings
+  (seed, tokenizer, model, parallelism, task, feedback env, condition kind, system
+  prompt, instruction). ``eval`` gives a ``fcp_jax.evaluate`` config; its λ schedule is
+  the warm-up's (evaluation runs the final λ). A stage section that holds a derived key
+  itself is an error naming both keys.
+  """
+  if stage not in STAGE_KINDS:
+    raise ValueError(f"Unknown stage {stage!r}; known: {', '.join(STAGE_KINDS)}.")
+  if stage == "eval":
+    out = ml_collections.ConfigDict(dict(init_from="", quant=copy.deepcopy(
+        config.warmup.quant), eval=copy.deepcopy(config.eval)))
+  else:
+    out = copy.deepcopy(config[stage])
+  out.unlock()
+  for key, shared in DERIVED[STAGE_KINDS[stage]].items():
+    if _has(out, key):
+      raise ValueError(f"config.{stage}.{key} is set, but it is derived from the shared "
+                       f"config.{shared}; set config.{shared} instead.")
+    *parents, leaf = key.split(".")
+    node = out
+    for p in parents:
+      node = node[p]
+    node[leaf] = shared_value(config, shared)
+  if STAGE_KINDS[stage] == "offline" and not out.data.system:
+    out.data.system = None
+  out.lock()
+  return out
 
 
 def pipeline_stage(config: ml_collections.ConfigDict, stage: str
                    ) -> ml_collections.ConfigDict:
-  """One stage's own config from an FCP pipeline config (the configs' ``stage`` arg).
-
-  ``""`` returns the pipeline config; ``warmup``, ``offline``, ``rft`` (configs of
-  ``fcp_jax.train``), ``bootstrap``, ``grpo`` (of ``fcp_jax.bootstrap``) their section;
-  ``eval`` a ``fcp_jax.evaluate`` config with the warm-up's model.
-  """
-  if not stage:
-    return config
-  if stage == "eval":
-    return ml_collections.ConfigDict(dict(
-        seed=config.seed, tokenizer=config.tokenizer, init_from="",
-        model=config.warmup.model, quant=config.warmup.quant, eval=config.eval))
-  if stage not in PIPELINE_STAGES:
-    raise ValueError(f"Unknown stage {stage!r}; known: eval, {', '.join(PIPELINE_STAGES)}.")
-  return config[stage]
+  """The configs' ``stage`` arg: ``""`` is the pipeline config, else ``stage_config``."""
+  return stage_config(config, stage) if stage else config
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> List[str]:
@@ -106,30 +207,42 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> List[str]:
 
 
 def _parse_value(text: str, current: Any) -> Any:
-  if isinstance(current, str) or (current is None and not _looks_literal(text)):
-    return text
+  """``text`` parsed as a value of ``current``'s type; a mismatch raises ``ValueError``.
+
+  Strings take the text as is (or a quoted string literal's value); booleans take ``BOOL_SPELLINGS``; ints take integer
+  literals only (``2.5``, ``'7'`` and ``True`` raise); floats take int or float literals;
+  tuples take list or tuple literals; a field whose default is ``None`` takes any
+  literal, else the text.
+  """
+  if isinstance(current, str):
+    quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+    return ast.literal_eval(text) if quoted else text
+  if isinstance(current, bool):
+    return parse_bool(text, "expected a bool")
+  if isinstance(current, ml_collections.ConfigDict):
+    raise ValueError("is a config section; override its fields (section.field=value).")
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
-    if isinstance(current, bool) or current is None:
+    if current is None:
       return text
-    raise ValueError(f"Cannot parse {text!r} as {type(current).__name__}.") from None
-  if isinstance(current, bool):
-    if not isinstance(value, bool):
-      raise ValueError(f"Expected a bool, got {text!r}.")
-  elif isinstance(current, float) and isinstance(value, int):
-    value = float(value)
-  elif isinstance(current, tuple) and isinstance(value, list):
-    value = tuple(value)
+    raise ValueError(f"cannot parse {text!r} as {type(current).__name__}.") from None
+  if current is None:
+    return value
+  if isinstance(current, int):
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif isinstance(current, float):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    value = float(value) if ok else value
+  elif isinstance(current, (tuple, list)):
+    ok = isinstance(value, (tuple, list))
+    value = type(current)(value) if ok else value
+  else:
+    ok = isinstance(value, type(current))
+  if not ok:
+    raise ValueError(f"expected a {type(current).__name__}, got {text!r} "
+                     f"({type(value).__name__}).")
   return value
-
-
-def _looks_literal(text: str) -> bool:
-  try:
-    ast.literal_eval(text)
-    return True
-  except (ValueError, SyntaxError):
-    return False
 
 
 def apply_overrides(config: ml_collections.ConfigDict,
@@ -142,6 +255,11 @@ def apply_overrides(config: ml_collections.ConfigDict,
     if not eq:
       raise ValueError(f"Override {item!r} must look like key=value.")
     if key not in valid:
+      shared = derived_from(key) if is_pipeline(config) else None
+      if shared is not None:
+        raise KeyError(f"Override {item!r}: config.{key} is derived from the shared "
+                       f"config.{shared}, which sets it in every stage; override "
+                       f"config.{shared} instead.")
       close = difflib.get_close_matches(key, valid, n=5, cutoff=0.4)
       raise KeyError(f"Unknown config key {key!r} in override {item!r}. "
                      f"Nearest valid keys: {close or valid[:10]}.")

@@ -1,6 +1,11 @@
-"""Helpers shared by tests and colabs: tiny models and tokenizers built in-process."""
+"""Helpers shared by tests and colabs: tiny models and tokenizers, kill-at callbacks."""
 
-from typing import Tuple
+import functools
+import importlib
+import os
+import signal
+import sys
+from typing import Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -22,3 +27,31 @@ def tiny_model(seed: int = 0, variant: str = "tiny", **overrides
 
 def char_tokenizer() -> tokenizer_lib.CharTokenizer:
   return tokenizer_lib.CharTokenizer()
+
+
+def kill_at(event: str, index: int):
+  """A learner callback that SIGKILLs this process at ``(event, index)`` (kill tests)."""
+
+  def callback(name: str, i: int):
+    if (name, i) == (event, index):
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  return callback
+
+
+def main(argv: Sequence[str]):
+  """``python -m fcp_jax.testing MODULE:FN EVENT INDEX --config ... --workdir ...``.
+
+  Runs a learner's ``run(config, workdir, callbacks=...)`` from the command line (as
+  its driver does) and SIGKILLs the process at ``(EVENT, INDEX)``.
+  """
+  from fcp_jax import config_lib  # pylint: disable=g-import-not-at-top
+  target, event, index, *rest = argv
+  module, _, fn = target.partition(":")
+  run = getattr(importlib.import_module(module), fn)
+  config_lib.driver_main(rest, functools.partial(
+      run, callbacks=[kill_at(event, int(index))]))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -12,8 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fcp_jax import bootstrap
 from fcp_jax import config_lib
+from fcp_jax import rollout
+from fcp_jax.training import online as bootstrap
 from fcp_jax.data import chat
 from fcp_jax.data import tasks
 from fcp_jax.data import tokenizer as tokenizer_lib
@@ -39,9 +40,10 @@ def _rollouts(tok, condition, responses, feedback, logprobs=None):
   width = max(len(r) for r in ids)
   if logprobs is None:
     logprobs = np.zeros((n, width), np.float32)
-  return bootstrap.Rollouts(
-      examples=[example] * n, prompts=[prompt] * n, sample_conditions=[condition] * n,
-      responses=ids, texts=list(responses), logprobs=logprobs, feedback=feedback,
+  return rollout.Rollouts(
+      examples=[example] * n, questions=[example.question] * n, prompts=[prompt] * n,
+      sample_conditions=[condition] * n, responses=ids, texts=list(responses),
+      logprobs=logprobs, lengths=np.asarray([len(r) for r in ids]), feedback=feedback,
       group_size=n)
 
 
@@ -119,6 +121,24 @@ def test_grpo_rows_advantages_and_old_logprobs():
                                   np.arange(span.start, span.stop))
 
 
+def test_failed_feedback_is_never_trained_on():
+  tok = tokenizer_lib.CharTokenizer()
+  failed = Feedback(user="", reviewer="", critique="", score=5, correct=True, ok=False)
+  scores = [10, 2, 7, 2]
+  fb = [_feedback("x", s, s == 10) for s in scores]
+  ro = _rollouts(tok, C_PLUS, ["#### 7", "#### 1", "3+4=7", "no"], fb[:2] + [failed] + fb[3:])
+  fcp = bootstrap.ONLINE_OBJECTIVES.build("fcp", _online_cfg()).batch(tok, ro, max_len=96)
+  assert fcp["loss_mask"][2].sum() == 0
+  assert all(fcp["loss_mask"][i].sum() == len(ro.responses[i]) for i in (0, 1, 3))
+  grpo = bootstrap.ONLINE_OBJECTIVES.build("grpo", _online_cfg()).batch(tok, ro, max_len=96)
+  assert grpo["loss_mask"][2].sum() == 0 and grpo["advantages"][2] == 0
+  # The group's statistics come from the three answered rows only.
+  rewards = [1.0, 0.2, 0.2]
+  mean, std = statistics.mean(rewards), statistics.stdev(rewards)
+  np.testing.assert_allclose(grpo["advantages"][[0, 1, 3]],
+                             [(r - mean) / (std + 1e-6) for r in rewards], rtol=1e-5)
+
+
 def test_round_prompts_cover_each_epoch_once_and_are_deterministic():
   seen = []
   for r in range(5):
@@ -159,11 +179,14 @@ def _online_cfg(**overrides):
 # ---------------------------------------------------------------------------------------
 
 
-def _run_bootstrap(workdir, pool_path, *extra):
-  cmd = [sys.executable, "-m", "fcp_jax.bootstrap",
+def _run_bootstrap(workdir, pool_path, *, kill_at_round=None):
+  driver = (["fcp_jax.bootstrap"] if kill_at_round is None else
+            ["fcp_jax.testing", "fcp_jax.training.online:run", "feedback",
+             str(kill_at_round)])
+  cmd = [sys.executable, "-m", *driver,
          "--config", "configs/arith_fcp.py:runlocal,stage=bootstrap",
          "--workdir", str(workdir), f"--config.online.pool={pool_path}",
-         "--config.online.rounds=3", "--config.plots=False", *extra]
+         "--config.online.rounds=3", "--config.plots=False"]
   return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -179,7 +202,7 @@ def test_sigkill_mid_round_resume_is_bitwise_equal(tmp_path):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   out = _run_bootstrap(straight, pool_path)
   assert out.returncode == 0, out.stderr[-3000:]
-  out = _run_bootstrap(killed, pool_path, "--config.debug.kill_at_round=1")
+  out = _run_bootstrap(killed, pool_path, kill_at_round=1)
   assert out.returncode == -9, out.stderr[-3000:]  # Died by SIGKILL mid-round 1.
   keys_at_kill = _cache_keys(killed)
   rows_per_round = 4 * 2  # runlocal: 4 prompts x 2 samples.

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fcp_jax import train
+from fcp_jax.training import offline as train
 from fcp_jax.training import checkpoint
 from fcp_jax.training import metrics
 from fcp_jax.training import optim
@@ -123,8 +123,10 @@ def test_init_from_reads_only_params(tiny, tmp_path):
 TOTAL, EVERY, HANG = 12, 3, 5  # Killed at step 5: last checkpoint 3; 12 steps > 1 epoch.
 
 
-def _command(workdir, data_dir):
-  return [sys.executable, "-m", "fcp_jax.train", "--config", f"{CONFIG}:runlocal",
+def _command(workdir, data_dir, kill_at_step=None):
+  driver = (["fcp_jax.train"] if kill_at_step is None else
+            ["fcp_jax.testing", "fcp_jax.training.offline:run", "step", str(kill_at_step)])
+  return [sys.executable, "-m", *driver, "--config", f"{CONFIG}:runlocal",
           "--workdir", workdir, f"--config.data.data_dir={data_dir}",
           f"--config.total_steps={TOTAL}", f"--config.checkpoint.every={EVERY}",
           "--config.log_every=1", "--config.eval.every=4", "--config.plots=False"]
@@ -132,7 +134,7 @@ def _command(workdir, data_dir):
 
 def _env(cache_dir, **extra):
   """Subprocess environment; the three runs share a persistent compilation cache."""
-  env = {k: v for k, v in os.environ.items() if k != train.HANG_ENV}
+  env = dict(os.environ)
   env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache_dir,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)
@@ -159,20 +161,11 @@ def test_sigkill_and_rerun_is_bitwise_equal_to_uninterrupted(tmp_path):
   subprocess.run(_command(straight, data_dir), env=_env(cache), check=True,
                  capture_output=True, timeout=600, cwd=REPO)
 
-  proc = subprocess.Popen(_command(killed, data_dir),
-                          env=_env(cache, **{train.HANG_ENV: str(HANG)}), cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 600
-  committed = os.path.join(killed, "checkpoints", str(EVERY))  # Renamed when complete.
-  while not (os.path.isdir(committed)
-             and any(step == HANG for step, _ in _train_losses(killed))):
-    assert proc.poll() is None, "the run ended before it could be killed"
-    assert time.time() < deadline
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert proc.returncode == -signal.SIGKILL
+  proc = subprocess.run(_command(killed, data_dir, kill_at_step=HANG), env=_env(cache),
+                        capture_output=True, timeout=600, cwd=REPO)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   assert checkpoint.Checkpointer(os.path.join(killed, "checkpoints")).latest_step() == 3
+  assert [s for s, _ in _train_losses(killed)] == list(range(1, HANG + 1))
 
   subprocess.run(_command(killed, data_dir), env=_env(cache), check=True,
                  capture_output=True, timeout=600, cwd=REPO)

@@ -41,12 +41,98 @@ def test_every_config_builds_with_runlocal_and_inits_abstractly(path):
 @pytest.mark.parametrize("path", ["configs/arith_fcp.py", "configs/gsm8k_smollm2.py"])
 def test_pipeline_configs_give_each_stage_config(path):
   full = config_lib.load_config(f"{path}:runlocal")
-  for stage in config_lib.PIPELINE_STAGES:
-    assert config_lib.load_config(f"{path}:runlocal,stage={stage}") == full[stage]
+  for stage in config_lib.STAGE_KINDS:
+    assert config_lib.load_config(f"{path}:runlocal,stage={stage}") == (
+        config_lib.stage_config(full, stage))
   ev = config_lib.load_config(f"{path}:runlocal,stage=eval")
-  assert ev.eval == full.eval and ev.model == full.warmup.model and ev.init_from == ""
-  with pytest.raises(ValueError, match="Unknown stage 'colect'; known: eval"):
+  assert ev.eval.size == full.eval.size and ev.model == full.model and ev.init_from == ""
+  assert ev.quant == full.warmup.quant  # Evaluation runs the warm-up's final λ.
+  with pytest.raises(ValueError, match="Unknown stage 'colect'; known: warmup"):
     config_lib.load_config(f"{path}:stage=colect")
+
+
+# Each shared setting and an override of it.
+SHARED_OVERRIDES = [
+    ("data.task", "'chain_sum(min_terms=2, max_terms=2)'"),
+    ("feedback", "'critic(noise=0.25, seed=3)'"),
+    ("seed", "7"),
+    ("data.task_seed", "7"),
+    ("model.weight_quant", "'twn'"),
+    ("data.system", "'Be brief.'"),
+    ("kind", "'user'"),
+    ("tokenizer", "'/somewhere/tokenizer.json'"),
+]
+
+
+@pytest.mark.parametrize("shared,text", SHARED_OVERRIDES,
+                         ids=[s for s, _ in SHARED_OVERRIDES])
+def test_a_shared_override_reaches_every_stage(shared, text):
+  config = config_lib.load_config(f"{REPO}/configs/arith_fcp.py:runlocal")
+  config_lib.apply_overrides(config, [f"{shared}={text}"])
+  want = eval(text)  # pylint: disable=eval-used
+  readers = set()
+  for stage, kind in config_lib.STAGE_KINDS.items():
+    resolved = config_lib.stage_config(config, stage)
+    for key, source in config_lib.DERIVED[kind].items():
+      if shared == source or shared.startswith(source + "."):
+        node = resolved
+        for part in (key + shared[len(source):]).split("."):
+          node = node[part]
+        assert node == want, (stage, key, node)
+        readers.add(stage)
+  assert len(readers) >= 3, readers  # Every shared setting reaches several stages.
+
+
+def test_a_stage_override_of_a_shared_setting_names_both_keys(tmp_path):
+  path = f"{REPO}/configs/arith_fcp.py:runlocal"
+  for key, shared in (("bootstrap.online.task", "data.task"),
+                      ("warmup.model.weight_quant", "model.weight_quant"),
+                      ("grpo.online.feedback", "feedback"), ("rft.seed", "seed"),
+                      ("eval.kind", "kind")):
+    with pytest.raises(KeyError, match=rf"config\.{key} is derived from the shared "
+                                       rf"config\.{shared}"):
+      config_lib.config_from_argv(["--config", path, f"--config.{key}=1"])
+  # A stage section that holds a shared key itself (a hand-made config) is refused too.
+  config = config_lib.load_config(path)
+  with config.warmup.unlocked():
+    config.warmup.seed = 3
+  with pytest.raises(ValueError, match=r"config\.warmup\.seed is set, but it is derived "
+                                       r"from the shared config\.seed"):
+    config_lib.stage_config(config, "warmup")
+
+
+def test_task_seed_follows_the_seed_unless_set():
+  config = config_lib.load_config(f"{REPO}/configs/arith_fcp.py:runlocal,seed=4")
+  assert config.data.task_seed is None
+  assert config_lib.stage_config(config, "grpo").online.task_seed == 4
+  config_lib.apply_overrides(config, ["data.task_seed=9"])
+  assert config_lib.stage_config(config, "eval").eval.task_seed == 9
+
+
+def test_boolean_args_and_overrides_are_strict(tmp_path):
+  path = f"{REPO}/configs/arith_fcp.py"
+  assert not config_lib.load_config(f"{path}:runlocal,ternary=false").model.act_quant != (
+      "none")
+  assert config_lib.load_config(f"{path}:runlocal,ternary=Yes").model.weight_quant == (
+      "absmean")
+  with pytest.raises(ValueError, match=r"'ternary'.*'Ture' is not a boolean.*'false'"):
+    config_lib.load_config(f"{path}:runlocal,ternary=Ture")
+  with pytest.raises(ValueError, match=r"Config arg seed='x' is not a int"):
+    config_lib.load_config(f"{path}:runlocal,seed=x")
+  for override, what in (("warmup.total_steps=2.5", "expected a int, got '2.5'"),
+                         ("warmup.total_steps='7'", "expected a int, got \"'7'\""),
+                         ("warmup.total_steps=True", "expected a int"),
+                         ("eval.seeds=3", "expected a tuple, got '3'"),
+                         ("warmup.optim.lr=fast", "cannot parse 'fast' as float"),
+                         ("warmup.plots=Ture", "'Ture' is not a boolean")):
+    with pytest.raises(ValueError, match=what):
+      config_lib.config_from_argv(["--config", f"{path}:runlocal",
+                                   f"--config.{override}"])
+  config, _ = config_lib.config_from_argv(
+      ["--config", f"{path}:runlocal", "--config.warmup.optim.lr=1", "--config.eval.seeds=[3]",
+       "--config.warmup.plots=false"])
+  assert config.warmup.optim.lr == 1.0 and isinstance(config.warmup.optim.lr, float)
+  assert config.eval.seeds == (3,) and config.warmup.plots is False
 
 
 def test_overrides_types_and_nearest_keys(tmp_path):

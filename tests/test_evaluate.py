@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from fcp_jax import evaluate
+from fcp_jax import evaluation as evaluate
 from fcp_jax.data import chat
 from fcp_jax.data import tasks
 from fcp_jax.data import tokenizer as tokenizer_lib
@@ -209,7 +209,7 @@ def test_fallback_negatives_are_the_critics_own_words():
 
 def test_config_no_answer_follows_eval_feedback_and_conditions():
   from fcp_jax import config_lib  # pylint: disable=g-import-not-at-top
-  ev = config_lib.load_config("configs/arith_fcp.py:runlocal").eval
+  ev = config_lib.load_config("configs/arith_fcp.py:runlocal,stage=eval").eval
   assert evaluate.config_no_answer(ev) is None  # Not among the default conditions.
   ev.conditions = ("pool", "no_answer")
   assert evaluate.config_no_answer(ev).conditions == Critic(seed=0).no_answer_verdicts(ev.kind)

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import random
 
 import numpy as np
@@ -104,8 +105,10 @@ def test_corrupt_middle_line_and_missing_newline(tmp_path, caplog):
 
 def test_failures_are_not_cached_by_default(tmp_path):
   path = str(tmp_path / "cache.jsonl")
-  out = CachedFeedbackEnv(CountingEnv(fail=True), path).feedback(_queries()[:2])
-  assert not out[0].ok
+  failing = CachedFeedbackEnv(CountingEnv(fail=True), path)
+  out = failing.feedback(_queries()[:2] + _queries()[:1])
+  assert not out[0].ok and (failing.misses, failing.hits, failing.failures) == (2, 1, 3)
+  assert not os.path.exists(path) or not open(path).read()
   env = CountingEnv()
   CachedFeedbackEnv(env, path).feedback(_queries()[:2])
   assert len(env.asked) == 2  # Retried on resume.
@@ -113,6 +116,73 @@ def test_failures_are_not_cached_by_default(tmp_path):
                            cache_failures=True)
   kept.feedback(_queries()[:1])
   assert len(CachedFeedbackEnv(CountingEnv(), str(tmp_path / "c2.jsonl"))) == 1
+
+
+class StreamingEnv(CountingEnv):
+  """Answers through ``feedback_stream``, last query first, noting the cache's length.
+
+  ``fail_uids`` get ``ok=False``; the stream dies (as a killed process would) before
+  answering ``die_at`` (a uid).
+  """
+
+  def __init__(self, path, fail_uids=(), die_at=None):
+    super().__init__()
+    self.path, self.fail_uids, self.die_at, self.lines_seen = path, fail_uids, die_at, []
+
+  def feedback(self, batch):
+    raise AssertionError("a streaming env is asked through feedback_stream")
+
+  def feedback_stream(self, batch):
+    answers = self.critic.feedback(batch)
+    for i in reversed(range(len(batch))):
+      self.lines_seen.append(sum(1 for _ in open(self.path)) if os.path.exists(self.path)
+                             else 0)
+      if batch[i][0].uid == self.die_at:
+        raise KeyboardInterrupt("killed mid-batch")
+      self.asked.append(batch[i][1])
+      yield i, failed_feedback(False) if batch[i][0].uid in self.fail_uids else answers[i]
+
+
+def test_streamed_answers_are_appended_as_they_arrive(tmp_path):
+  path = str(tmp_path / "cache.jsonl")
+  queries = _queries()
+  env = StreamingEnv(path, fail_uids=("u1",))
+  cached = CachedFeedbackEnv(env, path)
+  out = cached.feedback(queries[:4] + queries[3:4])
+  # Each ok answer was on disk before the next one was awaited (u1 failed: not stored).
+  assert env.lines_seen == [0, 1, 2, 2]
+  assert out[:4] == [Critic(seed=1).feedback(queries[:1])[0], failed_feedback(False),
+                     *Critic(seed=1).feedback(queries[2:4])] and out[4] == out[3]
+  assert (cached.misses, cached.hits, cached.failures) == (4, 1, 1)
+  assert [json.loads(line)["uid"] for line in open(path)] == ["u3", "u2", "u0"]
+  # A stream that dies mid-batch keeps every answer that arrived before.
+  dying = StreamingEnv(path, die_at="u4")
+  with pytest.raises(KeyboardInterrupt):
+    CachedFeedbackEnv(dying, path).feedback(queries)
+  assert dying.asked == [queries[5][1]] and sum(1 for _ in open(path)) == 4
+  again = StreamingEnv(path)
+  resumed = CachedFeedbackEnv(again, path)
+  resumed.feedback(queries)
+  assert sorted(again.asked) == sorted([queries[1][1], queries[4][1]])
+  assert (resumed.hits, resumed.misses, resumed.failures) == (4, 2, 0)
+
+
+def test_bad_streams_are_clear_errors(tmp_path):
+  class Repeats(StreamingEnv):
+    def feedback_stream(self, batch):
+      yield 0, Critic().feedback(batch[:1])[0]
+      yield 0, Critic().feedback(batch[:1])[0]
+
+  path = str(tmp_path / "c.jsonl")
+  with pytest.raises(RuntimeError, match="Repeats streamed a bad or repeated index 0"):
+    CachedFeedbackEnv(Repeats(path), path).feedback(_queries()[:2])
+
+  class Short(StreamingEnv):
+    def feedback_stream(self, batch):
+      yield 1, Critic().feedback(batch[1:2])[0]
+
+  with pytest.raises(RuntimeError, match="Short streamed 1 answers for 2 queries"):
+    CachedFeedbackEnv(Short(path), path).feedback(_queries()[2:4])
 
 
 def _fb(reviewer, score, correct=True, user="fine"):

@@ -32,8 +32,9 @@ from tokenizers import AddedToken, Tokenizer, decoders, models as tok_models
 from tokenizers import pre_tokenizers
 
 from fcp_jax import config_lib
-from fcp_jax import pipeline
-from fcp_jax import train
+from fcp_jax import experiment as pipeline
+from fcp_jax import policy as train
+from fcp_jax import rollout
 from fcp_jax.data import smollm2
 from fcp_jax.data import tokenizer as tokenizer_lib
 from fcp_jax.models import checkpoints
@@ -214,11 +215,11 @@ class _StopAtCollect(Exception):
 
 
 def _stop_at_collect(monkeypatch, seen):
-  def stop(policy, params, *args, **kwargs):
+  def stop(sampler, params, *args, **kwargs):
     del args, kwargs
-    seen.update(policy=policy, params=params)
+    seen.update(sampler=sampler, params=params)
     raise _StopAtCollect()
-  monkeypatch.setattr(pipeline, "sample_with_feedback", stop)
+  monkeypatch.setattr(rollout, "generate", stop)
 
 
 def test_pipeline_starts_the_warmup_from_the_base_with_its_tokenizer(tmp_path,
@@ -228,8 +229,8 @@ def test_pipeline_starts_the_warmup_from_the_base_with_its_tokenizer(tmp_path,
   assert config.pretrained.startswith("smollm2(")
   # The tiny HF model instead of SmolLM2; lr 0 so the warm-up must end where it began
   # (batch 8: the test process has 8 CPU devices on the mesh's data axis).
-  config = pipeline.stage_config(config, **{
-      "pretrained": hf_spec(tmp_path / "hf"), "warmup.model": tiny_model_config(),
+  config = pipeline._with(config, **{  # pylint: disable=protected-access
+      "pretrained": hf_spec(tmp_path / "hf"), "model": tiny_model_config(),
       "warmup.data.max_len": 640, "warmup.total_steps": 1, "warmup.batch_size": 8,
       "warmup.eval.every": 0, "warmup.optim.lr": 0.0, "warmup.plots": False})
   seen = {}
@@ -240,9 +241,9 @@ def test_pipeline_starts_the_warmup_from_the_base_with_its_tokenizer(tmp_path,
   for stage in ("base", "data", "warmup"):
     assert (workdir / stage / pipeline.DONE).exists(), stage
   warm = json.loads((workdir / "warmup" / "config.json").read_text())
-  assert warm["init_from"] == str(workdir / "base")
-  assert warm["tokenizer"] == str(workdir / "base" / "tokenizer.json")
-  assert seen["policy"].tok.vocab_size == 261  # The Policy uses the base tokenizer.
+  base_dir = os.path.realpath(workdir / "base")
+  assert warm["init_from"] == base_dir and warm["tokenizer"] == base_dir
+  assert seen["sampler"].tokenizer.vocab_size == 261  # The base tokenizer.
 
   _, abstract = abstract_params(tiny_model_config())
   base = flat(checkpoint.restore_params(str(workdir / "base"), abstract))
@@ -253,24 +254,23 @@ def test_pipeline_starts_the_warmup_from_the_base_with_its_tokenizer(tmp_path,
 
   # A pretrained base and an explicit warm-up init_from contradict each other.
   with pytest.raises(ValueError, match="both set"):
-    pipeline.with_pretrained_base(
-        pipeline.stage_config(config, **{"warmup.init_from": "/elsewhere"}),
-        str(workdir / "base"))
+    pipeline.run(pipeline._with(config, **{"warmup.init_from": "/elsewhere"}),  # pylint: disable=protected-access
+                 str(workdir))
 
 
 def test_config_args_and_stage_configs():
   full = config_lib.load_config(CONFIG)
-  assert full.warmup.model.vocab_size == 49_280 and full.pretrained.startswith("smollm2(")
+  assert full.model.vocab_size == 49_280 and full.pretrained.startswith("smollm2(")
   assert full.data.task == "gsm8k" and full.kind == "reviewer"
   assert full.bootstrap.online.prompts_per_step * full.bootstrap.online.num_samples == (
       4 * full.bootstrap.online.mini_batch)  # 4 sequential updates per round
   ternary_cfg = config_lib.load_config(f"{CONFIG}:ternary=extra_rmsnorm")
-  assert (ternary_cfg.warmup.model.weight_quant, ternary_cfg.warmup.model.act_quant,
-          ternary_cfg.warmup.model.extra_rmsnorm) == ("absmean", "absmax_int8", True)
+  assert (ternary_cfg.model.weight_quant, ternary_cfg.model.act_quant,
+          ternary_cfg.model.extra_rmsnorm) == ("absmean", "absmax_int8", True)
   assert ternary_cfg.warmup.quant.lambda_ramp > 0
   assert ternary_cfg.offline.quant.lambda_ramp == 0  # λ = 1 after the warm-up
-  for name in ("offline", "bootstrap", "rft", "grpo"):
-    assert ternary_cfg[name].model == ternary_cfg.warmup.model, name
+  for name in ("warmup", "offline", "bootstrap", "rft", "grpo"):
+    assert config_lib.stage_config(ternary_cfg, name).model == ternary_cfg.model, name
   assert config_lib.load_config(f"{CONFIG}:stage=eval").eval.size == 1319
   with pytest.raises(ValueError, match="ternary='twn'"):
     config_lib.load_config(f"{CONFIG}:ternary=twn")

@@ -1,5 +1,6 @@
 """Tests of the end-to-end pipeline, its pair selection and the sweep merge."""
 
+import collections
 import json
 import os
 import sys
@@ -8,13 +9,15 @@ import time
 import numpy as np
 import pytest
 
-from fcp_jax import bootstrap
 from fcp_jax import config_lib
-from fcp_jax import pipeline
+from fcp_jax import experiment as pipeline
+from fcp_jax import rollout
+from fcp_jax.training import online as bootstrap
 from fcp_jax.data import tasks
 from fcp_jax.data import tfds_builders
 from fcp_jax.feedback import pool as pool_lib
 from fcp_jax.feedback.base import Feedback
+from fcp_jax.stages import StaleStageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "experiments"))
@@ -154,7 +157,8 @@ def test_sweep_merge_mean_and_std_over_seeds():
 @pytest.mark.slow
 def test_tiny_pipeline_through_sweep_writes_every_artefact_and_resumes(tmp_path):
   merged, paths = sweep.run_sweep(CONFIG, "runlocal", ["seed=0"], str(tmp_path))
-  run = tmp_path / sweep.entry_name("seed=0")
+  cfg = config_lib.load_config(f"{CONFIG}:runlocal,seed=0")
+  run = tmp_path / sweep.entry_name("seed=0", cfg)
   with open(run / "results.json") as f:
     results = json.load(f)
   for name in ("config.json", "results.json", "results.md",
@@ -175,12 +179,11 @@ def test_tiny_pipeline_through_sweep_writes_every_artefact_and_resumes(tmp_path)
     # Both pools are drawn per seed (a fixed negative text would be decoded once).
     assert results["eval"][method]["pool"]["num_seeds"] == 2
     assert results["eval"][method]["negative"]["num_seeds"] == 2
-  cfg = config_lib.load_config(f"{CONFIG}:runlocal")
   negatives = pool_lib.ConditionPool.load(str(run / "collect" / "negatives.json"))
   assert negatives.settings["require_incorrect"] and len(negatives) > 0
   assert negatives.settings["max_score"] == cfg.collect.negative_max_score
   # The warm-up rows: answer-only references and random conditions, as configured.
-  warm = tfds_builders.load_source(tfds_builders.TRIPLES, str(run / pipeline.TFDS_DIR),
+  warm = tfds_builders.load_source(tfds_builders.TRIPLES, str(run / "warmup" / pipeline.TFDS_DIR),
                                    cfg.warmup.data.name, "train")
   text = lambda x: x.decode("utf-8") if isinstance(x, bytes) else x
   conditions = [text(r["condition"]) for r in warm]
@@ -204,10 +207,65 @@ def test_tiny_pipeline_through_sweep_writes_every_artefact_and_resumes(tmp_path)
 
   # Re-running skips every complete stage and reproduces the same table.
   t0 = time.perf_counter()
-  again = pipeline.run(cfg, str(run))
+  again = pipeline.run(cfg, str(run), store=str(tmp_path / "stages"))
   assert time.perf_counter() - t0 < 60
+  assert again["stage_keys"] == results["stage_keys"]
   for method in methods:
     assert again["eval"][method]["pool"]["accuracy"] == results["eval"][method]["pool"][
         "accuracy"]
   with open(run / "fcp_bootstrap" / pipeline.DONE) as f:
     assert json.load(f)["rounds"] == on.rounds
+
+  # A changed override recomputes exactly the stages downstream of it, in a workdir of
+  # its own that shares the store: the warm-up and the collection are reused.
+  changed = config_lib.load_config(f"{CONFIG}:runlocal,seed=0")
+  config_lib.apply_overrides(changed, ["offline.total_steps=4"])
+  other = tmp_path / "other"
+  out = pipeline.run(changed, str(other), store=str(tmp_path / "stages"))
+  downstream = {"offline_fcp", "fcp_bootstrap", "eval/offline_fcp", "eval/fcp_bootstrap"}
+  for stage, key in results["stage_keys"].items():
+    assert (out["stage_keys"][stage] != key) == (stage in downstream), stage
+    same = os.path.realpath(other / stage) == os.path.realpath(run / stage)
+    assert same == (stage not in downstream), stage
+  with open(other / "offline_fcp" / pipeline.DONE) as f:
+    assert json.load(f)["step"] == 4  # The result changed with the setting.
+  assert out["config"]["offline"]["total_steps"] == 4
+  assert json.loads((other / "config.json").read_text())["offline"]["total_steps"] == 4
+
+  # With on_change="refuse", a re-run of the first workdir under the changed setting
+  # stops and names what changed, before running anything.
+  config_lib.apply_overrides(changed, ["on_change=refuse"])
+  with pytest.raises(StaleStageError, match=r"offline_fcp(.|\n)*total_steps: 6 -> 4"):
+    pipeline.run(changed, str(run), store=str(tmp_path / "stages"))
+
+
+class _FlakyEnv:
+  """Fails the first ``fail_times`` answers for each response, then answers."""
+
+  def __init__(self, fail_times):
+    self.fail_times, self.asked = fail_times, collections.Counter()
+
+  def feedback(self, batch):
+    out = []
+    for example, response in batch:
+      self.asked[response] += 1
+      ok = self.asked[response] > self.fail_times
+      out.append(Feedback(user="u", reviewer="r", critique="c", score=9 if ok else 5,
+                          correct=True, ok=ok))
+    return out
+
+
+def test_failed_feedback_is_asked_again_then_stops_the_stage():
+  queries = [(tasks.Example(uid=str(i), question=str(i)), f"r{i}") for i in range(3)]
+  env = _FlakyEnv(fail_times=1)
+  first = env.feedback(queries)
+  first[0] = Feedback(user="u", reviewer="r", critique="c", score=9, correct=True)
+  env.asked["r0"] = 0
+  fixed = rollout.retry_failed(env, queries, first, where="collect")
+  assert all(fb.ok for fb in fixed) and env.asked == {"r0": 0, "r1": 2, "r2": 2}
+  stubborn = _FlakyEnv(fail_times=10)
+  with pytest.raises(rollout.FeedbackFailedError,
+                     match=r"collect: the feedback env failed on 3 of 3 responses after "
+                           r"2 retries"):
+    rollout.retry_failed(stubborn, queries, stubborn.feedback(queries), where="collect")
+  assert stubborn.asked["r0"] == 3

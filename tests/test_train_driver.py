@@ -9,6 +9,7 @@ import pytest
 
 from fcp_jax import config_lib
 from fcp_jax import train
+from fcp_jax.training import offline
 from fcp_jax.data import tfds_builders
 from fcp_jax.training import metrics
 
@@ -55,7 +56,7 @@ def test_fcp_run_lowers_heldout_loss_and_writes_artifacts(data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   config = local_config(data_dir, **{"total_steps": 30, "optim.lr": 3e-3,
                                      "eval.every": 15, "checkpoint.every": 15})
-  summary = train.run(config, workdir)
+  summary = offline.run(config, workdir)
 
   history = summary["eval_history"]
   assert [s for s, _ in history] == [0, 15, 30]
@@ -74,21 +75,21 @@ def test_fcp_run_lowers_heldout_loss_and_writes_artifacts(data_dir, tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["15", "30"]
 
   # Re-running the finished command resumes at the end and trains no more.
-  again = train.run(config, workdir)
+  again = offline.run(config, workdir)
   assert again["resumed"] and again["start_step"] == 30 and again["step"] == 30
 
 
 def test_objectives_select_records(data_dir):
   data_cfg = {"data_dir": data_dir, "name": "default"}
-  fcp, fcp_condition = train.OBJECTIVES.build("fcp", data_cfg, "train")
-  rft, rft_condition = train.OBJECTIVES.build("rft", data_cfg, "train")
+  fcp, fcp_condition = offline.OBJECTIVES.build("fcp", data_cfg, "train")
+  rft, rft_condition = offline.OBJECTIVES.build("rft", data_cfg, "train")
   assert (len(fcp), fcp_condition) == (64, "record")
   assert (len(rft), rft_condition) == (32, "none")
   assert all(int(r["correct"]) == 1 for r in rft)
   with pytest.raises(FileNotFoundError, match="fcp_sft_pairs"):
-    train.OBJECTIVES.build("sft", data_cfg, "train")
+    offline.OBJECTIVES.build("sft", data_cfg, "train")
   with pytest.raises(KeyError, match="Registered: fcp, rft"):
-    train.OBJECTIVES.build("cft", data_cfg, "train")
+    offline.OBJECTIVES.build("cft", data_cfg, "train")
 
 
 def test_bad_command_lines_raise(data_dir, tmp_path):
@@ -98,6 +99,6 @@ def test_bad_command_lines_raise(data_dir, tmp_path):
     train.main(["--config", f"{CONFIG}:runlocal", "--workdir", str(tmp_path),
                 "--config.optim.learning_rate=1"])
   with pytest.raises(ValueError, match="config.data.data_dir is empty"):
-    train.run(local_config(""), str(tmp_path / "a"))
+    offline.run(local_config(""), str(tmp_path / "a"))
   with pytest.raises(ValueError, match="vocab_size is 100"):
-    train.run(local_config(data_dir, **{"model.vocab_size": 100}), str(tmp_path / "b"))
+    offline.run(local_config(data_dir, **{"model.vocab_size": 100}), str(tmp_path / "b"))

@@ -3,14 +3,24 @@
 ``CachedFeedbackEnv(env, path)`` keys each query by the sha256 of (question, response,
 ``env.config_key()``). At start it loads every complete record of ``path``; for each
 batch it answers hits from memory, asks ``env`` once per distinct miss, and appends one
-JSON line per new record (flushed and fsync'ed before ``feedback`` returns).
+JSON line per new record.
+
+When records are appended: an env with ``feedback_stream(batch)`` (the LLM judge, which
+yields ``(index, Feedback)`` as each answer arrives) has each answer written, flushed
+and fsync'ed on arrival, before the next one is awaited, so a run killed mid-batch keeps
+every answer already paid for. Other envs (the rule-based critic, instant) are asked
+with ``feedback(batch)``; their records are written, flushed and fsync'ed together
+before ``feedback`` returns.
 
 Crash tolerance: a half-written last line (the process died mid-write) is dropped with a
 warning and cut from the file, so the next append starts on a clean line; a corrupt line
 elsewhere is skipped with a warning. Complete records are never lost.
 
-Failed answers (``Feedback.ok`` False, e.g. an unreachable judge) are returned but not
-stored unless ``cache_failures=True``, so a resumed run retries them.
+Failed answers (``Feedback.ok`` False, e.g. an unreachable judge or an unusable reply)
+are returned but not stored unless ``cache_failures=True``, so a resumed run retries
+them. Counters: ``hits`` and ``misses`` (queries answered from the cache / asked of
+``env``; duplicates within a batch are asked once) and ``failures`` (``ok=False``
+results returned).
 
 ``make_env("critic(noise=0.1)", "workdir/feedback_cache.jsonl")`` builds a registered
 env (importing this module registers the critic and the LLM judge) and wraps it.
@@ -20,17 +30,18 @@ import hashlib
 import json
 import os
 import threading
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 
 from fcp_jax.feedback import critic as _critic  # pylint: disable=unused-import
 from fcp_jax.feedback import llm_judge as _llm_judge  # pylint: disable=unused-import
-from fcp_jax.feedback.base import FEEDBACK_ENVS, Feedback, QueryLike, as_queries
+from fcp_jax.feedback.base import (FEEDBACK_ENVS, Feedback, Query, QueryLike,
+                                   as_queries)
 
 
 class CachedFeedbackEnv:
-  """Wraps a ``FeedbackEnv``; same interface, plus ``hits``/``misses`` counters."""
+  """Wraps a ``FeedbackEnv``; same interface, plus ``hits``/``misses``/``failures``."""
 
   def __init__(self, env, path: str, *, cache_failures: bool = False):
     self.env = env
@@ -38,6 +49,7 @@ class CachedFeedbackEnv:
     self.cache_failures = cache_failures
     self.hits = 0
     self.misses = 0
+    self.failures = 0
     self.bad_lines = 0
     self._config_key = env.config_key()
     self._store: Dict[str, Feedback] = {}
@@ -87,44 +99,83 @@ class CachedFeedbackEnv:
         os.truncate(self.path, len(data) - len(tail))
     logging.info("Feedback cache %s: %d records loaded.", self.path, len(self._store))
 
-  def _append(self, records: List[dict]):
-    if not records:
-      return
+  def _open_append(self):
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-    with open(self.path, "a", encoding="utf-8") as f:
-      for r in records:
-        f.write(json.dumps(r, ensure_ascii=False) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
+    return open(self.path, "a", encoding="utf-8")
+
+  @staticmethod
+  def _write(f, records: List[dict]):
+    """Appends ``records``, one JSON line each, and makes them durable (flush + fsync)."""
+    for r in records:
+      f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+  def _append(self, records: List[dict]):
+    if records:
+      with self._open_append() as f:
+        self._write(f, records)
+
+  def _record(self, key: str, query: Query, fb: Feedback) -> Optional[dict]:
+    """Stores ``fb`` under ``key`` and returns its JSONL record, or None if not kept."""
+    if not isinstance(fb, Feedback):
+      raise TypeError(f"Feedback env {type(self.env).__name__} returned "
+                      f"{type(fb).__name__}, not Feedback, for {query.example.uid}.")
+    if not (fb.ok or self.cache_failures):
+      return None
+    self._store[key] = fb
+    return {"key": key, "uid": query.example.uid, "question": query.example.question,
+            "response": query.response, "config_key": self._config_key,
+            "feedback": fb.to_dict()}
+
+  def _ask_batch(self, todo: List[Tuple[str, Query]]) -> Dict[str, Feedback]:
+    asked = [q for _, q in todo]
+    name = type(self.env).__name__
+    stream = getattr(self.env, "feedback_stream", None)
+    fresh: Dict[str, Feedback] = {}
+    if stream is None:
+      answers = self.env.feedback(asked)
+      if len(answers) != len(todo):
+        raise RuntimeError(f"Feedback env {name} returned {len(answers)} answers for "
+                           f"{len(todo)} queries.")
+      records = [self._record(k, q, fb) for (k, q), fb in zip(todo, answers)]
+      fresh = {k: fb for (k, _), fb in zip(todo, answers)}
+      self._append([r for r in records if r is not None])
+      return fresh
+    with self._open_append() as f:
+      for j, fb in stream(asked):
+        if not (isinstance(j, int) and 0 <= j < len(todo)) or todo[j][0] in fresh:
+          raise RuntimeError(f"Feedback env {name} streamed a bad or repeated index "
+                             f"{j!r} for a batch of {len(todo)}.")
+        key, query = todo[j]
+        fresh[key] = fb
+        record = self._record(key, query, fb)
+        if record is not None:
+          self._write(f, [record])  # On arrival: nothing paid for is lost.
+    if len(fresh) != len(todo):
+      raise RuntimeError(f"Feedback env {name} streamed {len(fresh)} answers for "
+                         f"{len(todo)} queries.")
+    return fresh
 
   def feedback(self, batch: Sequence[QueryLike]) -> List[Feedback]:
+    """One ``Feedback`` per query, in order: hits from the cache, misses asked of ``env``.
+
+    New ``ok`` answers are appended to ``path`` as they arrive (see the module doc);
+    failed ones (``ok=False``) are returned, counted in ``failures``, and not stored.
+    """
     queries = as_queries(batch)
     keys = [self.key(q.example.question, q.response) for q in queries]
     with self._lock:
-      todo = {}  # key -> first query index, in order.
-      for i, k in enumerate(keys):
+      todo: Dict[str, Query] = {}  # key -> first query with it, in order.
+      for k, q in zip(keys, queries):
         if k not in self._store and k not in todo:
-          todo[k] = i
+          todo[k] = q
       self.misses += len(todo)
       self.hits += len(keys) - len(todo)
-      fresh = {}
-      if todo:
-        answers = self.env.feedback([queries[i] for i in todo.values()])
-        if len(answers) != len(todo):
-          raise RuntimeError(f"Feedback env returned {len(answers)} answers for "
-                             f"{len(todo)} queries.")
-        new_records = []
-        for (k, i), fb in zip(todo.items(), answers):
-          fresh[k] = fb
-          if fb.ok or self.cache_failures:
-            self._store[k] = fb
-            q = queries[i]
-            new_records.append({"key": k, "uid": q.example.uid,
-                                "question": q.example.question, "response": q.response,
-                                "config_key": self._config_key,
-                                "feedback": fb.to_dict()})
-        self._append(new_records)
-      return [fresh[k] if k in fresh else self._store[k] for k in keys]
+      fresh = self._ask_batch(list(todo.items())) if todo else {}
+      out = [fresh[k] if k in fresh else self._store[k] for k in keys]
+      self.failures += sum(not fb.ok for fb in out)
+      return out
 
 
 def make_env(spec: str, cache_path: Optional[str] = None, **kwargs):

@@ -151,11 +151,15 @@ for _name in ("sft", "rft", "fcp"):
   LOSSES.register(_name)(NLL)
 
 
-def grpo_advantages(scores: Array, group_size: int, eps: float = 1e-6) -> Array:
+def grpo_advantages(scores: Array, group_size: int, eps: float = 1e-6,
+                    valid: Optional[Array] = None) -> Array:
   """Group-normalised advantages [B]: ``(s - mean_g) / (std_g + eps)``.
 
   ``scores`` [B] holds ``B / group_size`` consecutive groups (the rollouts of one prompt
   are adjacent). The standard deviation is the unbiased one (as in verl's GRPO).
+  ``valid`` [B] (optional) marks the rows whose score exists (the feedback env
+  answered): the mean and std of a group are taken over its valid rows only, and
+  invalid rows, or groups with fewer than two valid rows, get advantage 0.
   """
   scores = jnp.asarray(scores, jnp.float32)
   if scores.ndim != 1:
@@ -164,9 +168,17 @@ def grpo_advantages(scores: Array, group_size: int, eps: float = 1e-6) -> Array:
     raise ValueError(f"grpo_advantages: group_size={group_size} must be >= 2 and divide "
                      f"the batch size {scores.shape[0]}.")
   groups = scores.reshape(-1, group_size)  # [B/G, G]
-  mean = jnp.mean(groups, axis=1, keepdims=True)  # [B/G, 1]
-  std = jnp.std(groups, axis=1, keepdims=True, ddof=1)  # [B/G, 1]
-  return ((groups - mean) / (std + eps)).reshape(-1)  # [B]
+  if valid is None or bool(jnp.all(jnp.asarray(valid))):
+    mean = jnp.mean(groups, axis=1, keepdims=True)  # [B/G, 1]
+    std = jnp.std(groups, axis=1, keepdims=True, ddof=1)  # [B/G, 1]
+    return ((groups - mean) / (std + eps)).reshape(-1)  # [B]
+  ok = jnp.asarray(valid, jnp.float32).reshape(groups.shape)  # [B/G, G]
+  count = jnp.sum(ok, axis=1, keepdims=True)  # [B/G, 1]
+  mean = jnp.sum(groups * ok, axis=1, keepdims=True) / jnp.maximum(count, 1.0)
+  var = jnp.sum(ok * (groups - mean) ** 2, axis=1, keepdims=True) / jnp.maximum(
+      count - 1.0, 1.0)
+  adv = (groups - mean) / (jnp.sqrt(var) + eps) * ok  # [B/G, G]
+  return jnp.where(count >= 2, adv, 0.0).reshape(-1)  # [B]
 
 
 @dataclasses.dataclass(frozen=True)

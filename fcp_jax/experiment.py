@@ -1,0 +1,684 @@
+"""The end-to-end FCP experiment as a list of stages (the ``fcp_jax.pipeline`` driver).
+
+``run(config, workdir)`` runs (or resumes) every stage of a pipeline config such as
+``configs/arith_fcp.py``. Each stage's run config is derived from the experiment's
+shared settings (``config_lib.stage_config``) and each stage is keyed by what it
+consumed (``fcp_jax.stages``): a re-run skips what is done, recomputes exactly what a
+changed setting reaches, and ``<workdir>/<stage>`` links to the stage's folder.
+
+0. ``base`` (only with ``config.pretrained``, a ``checkpoints.PRETRAINED`` spec such
+   as ``"smollm2(pad_to_multiple=128)"``): the pretrained params as a checkpoint and its
+   tokenizer; the warm-up starts from it and every stage uses that tokenizer;
+1. ``data``: train and held-out eval prompts of ``config.data.task``;
+2. ``warmup``: SFT on reference solutions under the null condition ``<EF></EF>``
+   (``data.direct_fraction`` of them answer-only; ``data.warmup_conditions`` of the rows
+   under a feedback text drawn at random from ``condition_bank``, independent of the
+   response, so the policy has seen feedback text before FCP gives it a meaning);
+3. ``collect``: ``k`` samples per prompt from the warm-up (T=1, null condition),
+   feedback from the cached env, prompts with mixed outcomes only, ``pairs`` correct and
+   ``pairs`` incorrect responses each (``pairs=0``: all of them), plus the warm-up's
+   references of ``references`` further prompts with the env's feedback on them → the
+   triples dataset, the positive pool (``pool.json``: score ≥ ``pool_min_score``, see
+   ``feedback/pool.py``) and its mirror image, the worst verdicts (``negatives.json``:
+   wrong and score ≤ ``negative_max_score``), which evaluation draws its fully negative
+   condition from. Feedback that failed is asked again; if it still fails the stage
+   stops (``rollout.FeedbackFailedError``) and a re-run asks only about those;
+4. ``offline_fcp``: NLL of ``response | <EF>c</EF> question`` on the triples;
+5. ``fcp_bootstrap``: online rounds from offline FCP (``training.online``);
+6. ``rft``: baseline, fine-tunes the warm-up on every correct sample (under the null
+   condition) of the collection plus an equal-budget second collection;
+7. ``grpo``: baseline, GRPO from the warm-up with the score/10 reward for as many
+   rounds as make the same number of generated samples as FCP used;
+8. ``eval/<method>``: greedy accuracy under each condition (``fcp_jax.evaluation``).
+
+Finally ``results.json``, ``results.md`` and ``plots/`` (accuracy per method, accuracy
+by condition, training curves) are written in the workdir, with the stage keys that
+produced them. Every stage asks the feedback env through one JSONL cache in the stage
+store (``feedback_cache.jsonl``), so no question is asked twice.
+"""
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from fcp_jax import config_lib
+from fcp_jax import evaluation
+from fcp_jax import policy as policy_lib
+from fcp_jax import rollout as rollout_lib
+from fcp_jax import stages as stages_lib
+from fcp_jax.data import tasks as tasks_lib
+from fcp_jax.data import tfds_builders
+from fcp_jax.data import tokenizer as tokenizer_lib
+from fcp_jax.feedback import pool as pool_lib
+from fcp_jax.training import metrics as metrics_lib
+from fcp_jax.training import offline
+from fcp_jax.training import online
+
+DONE = stages_lib.DONE
+TFDS_DIR = "tfds"
+BANK_PROMPTS = 1024  # Prompts whose made-up responses give the warm-up's condition bank.
+FEEDBACK_CACHE = "feedback_cache.jsonl"
+# Method -> (stage folder holding its final params, condition it is meant to be used with).
+METHOD_STAGES = {"warmup": ("warmup", "null"), "offline_fcp": ("offline_fcp", "pool"),
+                 "fcp_bootstrap": ("fcp_bootstrap", "pool"), "rft": ("rft", "null"),
+                 "grpo": ("grpo", "null")}
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers of the stages.
+# ---------------------------------------------------------------------------------------
+
+
+def _with(cfg: ml_collections.ConfigDict, **updates) -> ml_collections.ConfigDict:
+  """A copy of a config with dotted-key updates (``{"data.data_dir": ...}``)."""
+  out = copy.deepcopy(cfg)
+  with out.unlocked():
+    for key, value in updates.items():
+      node = out
+      *parents, leaf = key.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return out
+
+
+def _rows(ro: rollout_lib.Rollouts) -> List[Dict[str, Any]]:
+  return [dict(example=e, question=q, response=t, feedback=fb)
+          for e, q, t, fb in zip(ro.examples, ro.questions, ro.texts, ro.feedback)]
+
+
+def warmup_records(examples: Sequence[tasks_lib.Example], *, instruction: str, kind: str,
+                   seed: int, direct_fraction: float = 0.0, condition_fraction: float = 0.0,
+                   bank: Sequence[str] = ()) -> List[Dict[str, Any]]:
+  """The warm-up's rows (triples format): reference responses and their conditions.
+
+  ``direct_fraction`` of the references are answer-only (``#### n``); the condition is
+  null (``""``, i.e. ``<EF></EF>``) except for ``condition_fraction`` of the rows, which
+  get a text of ``bank`` drawn at random. Both draws are seeded per position and
+  independent of each other.
+  """
+  if condition_fraction > 0 and not bank:
+    raise ValueError("condition_fraction > 0 needs a non-empty condition bank.")
+  n = len(examples)
+  direct = np.random.default_rng([seed, 11]).random(n) < direct_fraction  # [N]
+  rng = np.random.default_rng([seed, 12])
+  conditions = [bank[rng.integers(len(bank))] if use else ""
+                for use in rng.random(n) < condition_fraction]  # [N]
+  return [dict(uid=e.uid, question=tasks_lib.format_question(e, instruction),
+               response=tasks_lib.reference_response(e, direct=bool(d)), feedback=c,
+               kind=kind, score=None, correct=None)
+          for e, d, c in zip(examples, direct, conditions)]
+
+
+def reference_rows(env, examples: Sequence[tasks_lib.Example], start: int, count: int,
+                   *, instruction: str, kind: str, seed: int, direct_fraction: float
+                   ) -> List[Dict[str, Any]]:
+  """The warm-up's references of ``examples[start:start + count]``, with feedback.
+
+  The responses are exactly those the warm-up trained on (``warmup_records``, same
+  seed and ``direct_fraction``), so offline FCP sees them again with the feedback the
+  env gives them: clean chains earn positive conditions, answer-only ones "correct but
+  thinly justified". Rows have the layout of ``sample_with_feedback``'s.
+  """
+  if count <= 0:
+    return []
+  if start + count > len(examples):
+    raise ValueError(f"collect.references={count} needs {start + count} train prompts "
+                     f"(collect.prompts={start} come first); data.train_size is "
+                     f"{len(examples)}.")
+  picked = list(zip(examples, warmup_records(
+      examples, instruction=instruction, kind=kind, seed=seed,
+      direct_fraction=direct_fraction)))[start:start + count]
+  queries = [(e, r["response"]) for e, r in picked]
+  feedback = rollout_lib.retry_failed(env, queries, env.feedback(queries),
+                                      where="reference rows")
+  return [dict(example=e, question=r["question"], response=r["response"], feedback=fb)
+          for (e, r), fb in zip(picked, feedback)]
+
+
+def condition_bank(env, examples: Sequence[tasks_lib.Example], *, kind: str, seed: int
+                   ) -> List[str]:
+  """Distinct feedback texts of ``kind`` that ``env`` gives on made-up responses.
+
+  Each example gets one response drawn from four: its reference chain or bare answer,
+  right or ending wrong (``tasks.wrong_response``), so the bank holds the env's positive
+  and negative wording alike. The warm-up shows these texts at random (independent of
+  the response it trains on): the policy learns to read past feedback text in the
+  condition slot, as a pretrained model would, without learning what it means.
+  """
+  rng = np.random.default_rng([seed, 13])
+  queries = []
+  for e in examples:
+    direct, wrong = bool(rng.integers(2)), bool(rng.integers(2))
+    response = (tasks_lib.wrong_response(e, int(rng.choice([-2, -1, 1, 2])),
+                                         direct=direct) if wrong
+                else tasks_lib.reference_response(e, direct=direct))
+    queries.append((e, response))
+  feedback = rollout_lib.retry_failed(env, queries, env.feedback(queries),
+                                      where="condition bank")
+  bank = sorted({fb.condition(kind) for fb in feedback} - {""})
+  if not bank:
+    raise RuntimeError(f"The feedback env gave no {kind!r} text on {len(queries)} "
+                       "responses; cannot build the warm-up condition bank.")
+  return bank
+
+
+def is_plain(text: str) -> bool:
+  """Whether a sampled text is storable as a text record: non-empty, no special token."""
+  return bool(text.strip()) and not any(t in text for t in tokenizer_lib.SPECIAL_TOKENS)
+
+
+def select_pairs(rows: Sequence[Dict[str, Any]], num_samples: int, pairs: int,
+                 seed: int) -> Tuple[List[Dict[str, Any]], Dict[str, int]]:
+  """Keeps prompts with mixed outcomes; ``pairs`` correct + ``pairs`` incorrect each.
+
+  ``rows`` holds ``num_samples`` consecutive rows per prompt. Empty responses and those
+  holding special tokens are dropped (counted), the rest deduplicated per prompt before
+  picking (seeded). ``pairs=0`` keeps every sample of a mixed prompt, duplicates
+  included: the triples then follow the policy's own distribution (natural proportions).
+  """
+  rng = np.random.default_rng([seed, 3])
+  kept = []
+  stats = dict(prompts=0, all_correct=0, all_wrong=0, mixed=0, unstorable_dropped=0)
+  for start in range(0, len(rows), num_samples):
+    group = rows[start:start + num_samples]
+    stats["prompts"] += 1
+    plain = [r for r in group if is_plain(r["response"])]
+    stats["unstorable_dropped"] += len(group) - len(plain)
+    unique = list({r["response"]: r for r in plain}.values())
+    right = [r for r in unique if r["feedback"].correct]
+    wrong = [r for r in unique if not r["feedback"].correct]
+    if not right:
+      stats["all_wrong"] += 1
+      continue
+    if not wrong:
+      stats["all_correct"] += 1
+      continue
+    stats["mixed"] += 1
+    if pairs <= 0:
+      kept.extend(plain)
+      continue
+    for bucket in (right, wrong):
+      for i in rng.permutation(len(bucket))[:pairs]:
+        kept.append(bucket[i])
+  return kept, stats
+
+
+def build_dataset(dataset: str, splits: Mapping[str, List[Dict[str, Any]]], data_dir: str,
+                  name: str) -> Dict[str, int]:
+  """Builds a TFDS dataset and checks every split reads back complete."""
+  tfds_builders.build(dataset, dict(splits), data_dir, name, overwrite=True)
+  sizes = {}
+  for split, records in splits.items():
+    sizes[split] = len(tfds_builders.load_source(dataset, data_dir, name, split))
+    if sizes[split] != len(records):
+      raise RuntimeError(f"Dataset {dataset}/{name} split {split!r} reads back "
+                         f"{sizes[split]} of {len(records)} records.")
+  return sizes
+
+
+def split_records(records: List[Dict[str, Any]], eval_fraction: float, seed: int
+                  ) -> Dict[str, List[Dict[str, Any]]]:
+  """Seeded train/eval split of dataset records (the eval split has at least one)."""
+  order = np.random.default_rng([seed, 5]).permutation(len(records))
+  n_eval = max(1, int(round(eval_fraction * len(records))))
+  return {"train": [records[i] for i in order[n_eval:]],
+          "eval": [records[i] for i in order[:n_eval]]}
+
+
+# ---------------------------------------------------------------------------------------
+# The experiment and its stages.
+# ---------------------------------------------------------------------------------------
+
+
+class Experiment:
+  """What the stages of one workdir share: config, stage store, policy, prompts."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
+               store: Optional[str] = None):
+    self.config = config
+    self.workdir = workdir
+    self.stages = stages_lib.Stages(workdir, store=store, on_change=config.on_change)
+    self.seed = int(config.seed)
+    self.feedback_cache = os.path.join(self.stages.store, FEEDBACK_CACHE)
+    self.policy: Optional[policy_lib.Policy] = None
+    self.train_examples: List[tasks_lib.Example] = []
+    self.eval_examples: List[tasks_lib.Example] = []
+
+  @property
+  def system(self) -> Optional[str]:
+    return self.config.data.system or None
+
+  def stage(self, name: str) -> ml_collections.ConfigDict:
+    """The resolved run config of pipeline section ``name``."""
+    return config_lib.stage_config(self.config, name)
+
+  def env(self, folder: str):
+    return online.build_feedback_env(self.config.feedback, folder, self.feedback_cache)
+
+  def run(self, name, fn, *, settings, inputs=()):
+    inputs = {k: self.stages.keys[k] for k in inputs}
+    if "base" in self.stages.keys:
+      inputs["base"] = self.stages.keys["base"]
+    return self.stages.run(name, fn, settings=self._portable(settings), inputs=inputs)
+
+  def _portable(self, settings: Any) -> Any:
+    """Settings with the base stage's folder (a tokenizer path) named, not spelled."""
+    base = self.stages.folders.get("base")
+    settings = stages_lib.jsonable(settings)
+    if base is None:
+      return settings
+    return json.loads(json.dumps(settings).replace(json.dumps(base)[1:-1], "<base>"))
+
+  def generate(self, params, examples, *, rng: int, num_samples: int, where: str,
+               folder: str) -> rollout_lib.Rollouts:
+    """Null-condition samples with feedback, as the collection samples them."""
+    col = self.config.collect
+    env = self.env(folder)
+    ro = rollout_lib.generate(
+        self.policy.sampler, params, examples, [""] * len(examples), env=env,
+        rng=jax.random.PRNGKey(self.seed + rng), num_samples=num_samples,
+        method=col.sampling, max_new_tokens=col.max_new_tokens,
+        instruction=self.config.data.instruction, system=self.system,
+        qlambda=self.policy.qlambda, chunk_prompts=col.batch_prompts)
+    return rollout_lib.require_feedback(env, ro, where=where)
+
+
+def pretrained_base(ex: Experiment):
+  """Stage 0: the pretrained model as a checkpoint + tokenizer (``config.pretrained``)."""
+  config = ex.config
+  if config.get("pretrained"):
+    ex.run("base", lambda folder: policy_lib.write_pretrained_base(
+        config.pretrained, config.model, folder),
+        settings=dict(pretrained=config.pretrained, model=config.model))
+    base = ex.stages.path("base")
+    if config.tokenizer:
+      raise ValueError(f"config.pretrained={config.pretrained!r} and config.tokenizer="
+                       f"{config.tokenizer!r} are both set; keep one.")
+    if config.warmup.init_from:
+      raise ValueError(f"config.pretrained={config.pretrained!r} and config.warmup."
+                       f"init_from={config.warmup.init_from!r} are both set; keep one.")
+    ex.config = _with(config, tokenizer=base)
+  ex.policy = policy_lib.Policy(ex.config.model, ex.config.tokenizer,
+                                ex.config.warmup.quant)
+
+
+def prompts(ex: Experiment):
+  """Stage 1: the train and held-out prompts (keyed by their content)."""
+  data = ex.config.data
+  task_seed = config_lib.shared_value(ex.config, "data.task_seed")
+  train = tasks_lib.TASKS.build(data.task, split="train", size=data.train_size,
+                                seed=task_seed)
+  held_out = tasks_lib.TASKS.build(data.task, split="eval", size=data.eval_size,
+                                   seed=task_seed)
+  lines = {name: [json.dumps(e.to_dict()) + "\n" for e in exs]
+           for name, exs in (("train", train), ("eval", held_out))}
+  digest = hashlib.sha256("".join(lines["train"] + ["\0"] + lines["eval"])
+                                     .encode("utf-8")).hexdigest()
+
+  def make(folder):
+    for name, text in lines.items():
+      with open(os.path.join(folder, f"{name}.jsonl"), "w") as f:
+        f.writelines(text)
+    return dict(train=len(train), eval=len(held_out), digest=digest)
+
+  ex.stages.run("data", make, settings=dict(data=data, task_seed=task_seed),
+                inputs={"examples": digest})
+  ex.train_examples, ex.eval_examples = train, held_out
+
+
+def warmup(ex: Experiment):
+  """Stage 2: SFT on reference solutions under the null condition."""
+  config, data = ex.config, ex.config.data
+  cfg = ex.stage("warmup")
+
+  def fn(folder):
+    bank = []
+    if data.warmup_conditions > 0:
+      bank = condition_bank(ex.env(folder), ex.train_examples[:BANK_PROMPTS],
+                            kind=config.kind, seed=ex.seed)
+    records = warmup_records(ex.train_examples, instruction=data.instruction,
+                             kind=config.kind, seed=ex.seed,
+                             direct_fraction=data.direct_fraction,
+                             condition_fraction=data.warmup_conditions, bank=bank)
+    tfds_dir = os.path.join(folder, TFDS_DIR)
+    build_dataset(tfds_builders.TRIPLES, split_records(records, 0.05, ex.seed), tfds_dir,
+                  cfg.data.name)
+    return offline.run(_with(cfg, **{"data.data_dir": tfds_dir}), folder)
+
+  ex.run("warmup", fn, inputs=("data",), settings=dict(
+      stage=cfg, data=data, kind=config.kind,
+      feedback=config.feedback if data.warmup_conditions > 0 else None))
+
+
+def collect(ex: Experiment) -> Dict[str, Any]:
+  """Stage 3: samples + feedback from the warm-up → triples, pool c+, negatives."""
+  config, col, data, kind = ex.config, ex.config.collect, ex.config.data, ex.config.kind
+
+  def fn(folder):
+    ro = ex.generate(ex.policy.load(ex.stages.path("warmup")),
+                     ex.train_examples[:col.prompts], rng=101,
+                     num_samples=col.num_samples, where="collect", folder=folder)
+    rows = _rows(ro)
+    kept, stats = select_pairs(rows, col.num_samples, col.pairs, ex.seed)
+    if not kept:
+      raise RuntimeError(f"No prompt had mixed outcomes ({stats}); the warm-up is too "
+                         "weak or too strong for this task.")
+    references = reference_rows(ex.env(folder), ex.train_examples, col.prompts,
+                                col.references, instruction=data.instruction, kind=kind,
+                                seed=ex.seed, direct_fraction=data.direct_fraction)
+    records = [tfds_builders.triple_record(r["example"], r["question"], r["response"],
+                                           r["feedback"], kind) for r in kept + references]
+    build_dataset(tfds_builders.TRIPLES, split_records(records, col.eval_fraction, ex.seed),
+                  os.path.join(folder, TFDS_DIR), config.offline.data.name)
+    feedback = ro.feedback
+    pool = pool_lib.ConditionPool.build(feedback, kind=kind, min_score=col.pool_min_score,
+                                        require_correct=col.pool_require_correct)
+    pool.save(os.path.join(folder, "pool.json"))
+    try:
+      negatives = pool_lib.ConditionPool.build(
+          feedback, kind=kind, min_score=0, max_score=col.negative_max_score,
+          require_incorrect=True)
+      negatives.save(os.path.join(folder, "negatives.json"))
+    except pool_lib.EmptyPoolError:  # No wrong sample scored that low (warned below).
+      negatives = ()
+    # Correct samples for the RFT baseline (its second, equal-budget share comes later).
+    stages_lib.write_json(os.path.join(folder, "correct.json"), _correct(rows + references))
+    return dict(stats, samples=len(rows), triples=len(records), pool=len(pool),
+                negatives=len(negatives), references=len(references),
+                pool_stats=pool.stats, sample_accuracy=float(np.mean(
+                    [fb.correct for fb in feedback])))
+
+  return ex.run("collect", fn, inputs=("data", "warmup"), settings=dict(
+      collect=col, data=data, kind=kind, feedback=config.feedback, seed=ex.seed,
+      model=config.model, tokenizer=config.tokenizer, quant=config.warmup.quant))
+
+
+def _correct(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
+  return [dict(uid=r["example"].uid, question=r["question"], response=r["response"],
+               feedback=r["feedback"].to_dict()) for r in rows
+          if r["feedback"].correct and is_plain(r["response"])]
+
+
+def offline_fcp(ex: Experiment):
+  """Stage 4: offline FCP from the warm-up on the collected triples."""
+  cfg = ex.stage("offline")
+  ex.run("offline_fcp", lambda folder: offline.run(_with(cfg, **{
+      "data.data_dir": os.path.join(ex.stages.path("collect"), TFDS_DIR),
+      "init_from": ex.stages.path("warmup")}), folder),
+      settings=dict(stage=cfg), inputs=("warmup", "collect"))
+
+
+def online_samples(config: ml_collections.ConfigDict) -> int:
+  """Samples FCP generates online: rounds x prompts per round x samples per prompt."""
+  boot = config.bootstrap.online
+  return boot.rounds * boot.prompts_per_step * boot.num_samples
+
+
+def fcp_bootstrap(ex: Experiment):
+  """Stage 5: online bootstrapping from offline FCP under pool c+."""
+  cfg = ex.stage("bootstrap")
+  ex.run("fcp_bootstrap", lambda folder: online.run(_with(cfg, **{
+      "init_from": ex.stages.path("offline_fcp"),
+      "online.pool": os.path.join(ex.stages.path("collect"), "pool.json")}), folder,
+      feedback_cache=ex.feedback_cache),
+      settings=dict(stage=cfg), inputs=("offline_fcp", "collect"))
+
+
+def rft(ex: Experiment, collected: Mapping[str, Any]):
+  """Stage 6: RFT on the collection's correct samples plus an equal online share."""
+  config, col = ex.config, ex.config.collect
+  cfg = ex.stage("rft")
+  per_prompt = config.bootstrap.online.num_samples
+  extra_prompts = online_samples(config) // per_prompt
+
+  def fn(folder):
+    n = len(ex.train_examples)
+    extra = ex.generate(ex.policy.load(ex.stages.path("warmup")),
+                        [ex.train_examples[i % n]
+                         for i in range(col.prompts, col.prompts + extra_prompts)],
+                        rng=202, num_samples=per_prompt, where="rft", folder=folder)
+    with open(os.path.join(ex.stages.path("collect"), "correct.json")) as f:
+      correct = json.load(f) + _correct(_rows(extra))
+    unique = list({(r["question"], r["response"]): r for r in correct}.values())
+    tfds_dir = os.path.join(folder, TFDS_DIR)
+    build_dataset(tfds_builders.TRIPLES, split_records(
+        [dict(r, kind=config.kind) for r in unique], 0.05, ex.seed), tfds_dir,
+                  cfg.data.name)
+    summary = offline.run(_with(cfg, **{"data.data_dir": tfds_dir,
+                                        "init_from": ex.stages.path("warmup")}), folder)
+    return dict(summary, samples=collected["samples"] + len(extra),
+                correct_unique=len(unique))
+
+  ex.run("rft", fn, inputs=("data", "warmup", "collect"), settings=dict(
+      stage=cfg, collect=col, extra_prompts=extra_prompts, per_prompt=per_prompt,
+      data=config.data, feedback=config.feedback))
+
+
+def grpo_rounds(config: ml_collections.ConfigDict, collected: Mapping[str, Any]) -> int:
+  """GRPO's rounds: ``grpo.online.rounds``, or as many as match FCP's samples."""
+  on = config.grpo.online
+  budget = collected["samples"] + online_samples(config)
+  return on.rounds or max(1, math.ceil(budget / (on.prompts_per_step * on.num_samples)))
+
+
+def grpo(ex: Experiment, collected: Mapping[str, Any]):
+  """Stage 7: GRPO from the warm-up with the same number of generated samples."""
+  cfg = _with(ex.stage("grpo"), **{"online.rounds": grpo_rounds(ex.config, collected)})
+  ex.run("grpo", lambda folder: online.run(
+      _with(cfg, init_from=ex.stages.path("warmup")), folder,
+      feedback_cache=ex.feedback_cache), settings=dict(stage=cfg), inputs=("warmup",))
+
+
+def evaluate_methods(ex: Experiment) -> Dict[str, Any]:
+  """Stage 8: each method's greedy accuracy under each condition."""
+  config, cfg = ex.config, ex.stage("eval")
+  ev = cfg.eval
+  collect_dir = ex.stages.path("collect")
+  pool = pool_lib.ConditionPool.load(os.path.join(collect_dir, "pool.json"))
+  negatives_path = os.path.join(collect_dir, "negatives.json")
+  negatives = None
+  if os.path.exists(negatives_path):
+    negatives = pool_lib.ConditionPool.load(negatives_path)
+  else:
+    logging.warning("%s is missing (no wrong sample scored <= %d): the 'negative' "
+                    "condition is the fixed text %r.", negatives_path,
+                    config.collect.negative_max_score,
+                    ev.negative or evaluation.NEGATIVE[config.kind])
+  no_answer = evaluation.config_no_answer(ev)
+  evaluations = {}
+  for method in config.methods:
+    if method not in METHOD_STAGES:
+      raise KeyError(f"config.methods: unknown method {method!r}; known: "
+                     f"{sorted(METHOD_STAGES)}.")
+    stage, native = METHOD_STAGES[method]
+
+    def fn(folder, stage=stage):
+      results = evaluation.evaluate_policy(
+          ex.policy.sampler, ex.policy.load(ex.stages.path(stage)),
+          ex.eval_examples[:ev.size], conditions=list(ev.conditions),
+          seeds=list(ev.seeds), pool=pool, negatives=negatives, no_answer=no_answer,
+          kind=ev.kind, texts=dict(negative=ev.negative, positive=ev.positive),
+          system=ex.system, instruction=ev.instruction, max_new_tokens=ev.max_new_tokens,
+          batch_size=ev.batch_size, qlambda=ex.policy.qlambda)
+      evaluation.write_results(results, folder)
+      return results
+
+    record = ex.run(f"eval/{method}", fn, settings=dict(stage=cfg),
+                    inputs=("data", "collect", stage))
+    evaluations[method] = {k: v for k, v in record.items() if k not in ("seconds", "key")}
+    evaluations[method]["native"] = native
+  return evaluations
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        store: Optional[str] = None) -> Dict[str, Any]:
+  """Runs (or resumes) every stage in ``workdir``; returns the results dict.
+
+  ``store``: where stage folders live (default ``<workdir>/stages``); workdirs that
+  share one reuse each other's stages of equal keys.
+  """
+  t_start = time.perf_counter()
+  ex = Experiment(config, workdir, store=store)
+  pretrained_base(ex)
+  prompts(ex)
+  warmup(ex)
+  collected = collect(ex)
+  offline_fcp(ex)
+  fcp_bootstrap(ex)
+  rft(ex, collected)
+  grpo(ex, collected)
+  evaluations = evaluate_methods(ex)
+  return write_results(ex, evaluations, collected, time.perf_counter() - t_start)
+
+
+def write_results(ex: Experiment, evaluations: Mapping[str, Any],
+                  collected: Mapping[str, Any], seconds: float) -> Dict[str, Any]:
+  """``results.json``, ``results.md`` and ``plots/`` of the workdir."""
+  config, workdir, records = ex.config, ex.workdir, ex.stages.records
+  per_round = config.grpo.online.prompts_per_step * config.grpo.online.num_samples
+  rounds = grpo_rounds(config, collected)
+  conditions = list(config.eval.conditions)
+  results = dict(
+      workdir=workdir, seed=ex.seed, task=config.data.task, model=dict(config.model),
+      config=config_lib.to_dict(config), stage_keys=dict(ex.stages.keys),
+      budget=dict(collect=collected["samples"], fcp_online=online_samples(config),
+                  fcp_total=collected["samples"] + online_samples(config),
+                  rft_total=records["rft"].get("samples"),
+                  grpo_total=rounds * per_round, grpo_rounds=rounds),
+      collect={k: v for k, v in collected.items() if k != "pool_stats"},
+      eval=evaluations, checks=effect_checks(evaluations),
+      stage_seconds={k: v.get("seconds") for k, v in records.items()},
+      total_seconds_this_call=seconds)
+  config_lib.write_config(ex.config, workdir)  # The config these results are of.
+  stages_lib.write_json(os.path.join(workdir, "results.json"), results)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(results_markdown(results, conditions))
+  results["plots"] = write_plots(workdir, results, conditions)
+  stages_lib.write_json(os.path.join(workdir, "results.json"), results)
+  logging.info("Results:\n%s", results_markdown(results, conditions))
+  return results
+
+
+def _acc(evaluations, method, condition) -> Optional[float]:
+  r = evaluations.get(method, {}).get(condition)
+  return None if r is None else r["accuracy"]
+
+
+def effect_checks(evaluations: Mapping[str, Any]) -> Dict[str, Any]:
+  """The experiment's claims as numbers (percentage points) and pass/fail."""
+  boot_pool = _acc(evaluations, "fcp_bootstrap", "pool")
+  warm = _acc(evaluations, "warmup", "null")
+  neg = _acc(evaluations, "fcp_bootstrap", "negative")
+  out = {}
+  if boot_pool is not None and warm is not None:
+    gain = 100 * (boot_pool - warm)
+    out["bootstrap_pool_minus_warmup_pts"] = dict(value=gain, need=10.0, ok=gain >= 10.0)
+  if boot_pool is not None and neg is not None:
+    gap = 100 * (boot_pool - neg)
+    out["bootstrap_pool_minus_negative_pts"] = dict(value=gap, need=20.0, ok=gap >= 20.0)
+  return out
+
+
+def results_markdown(results: Mapping[str, Any], conditions: Sequence[str]) -> str:
+  ev = results["eval"]
+  lines = [f"# FCP results ({results['task']}, seed {results['seed']})", "",
+           f"Config: `{results['workdir']}/config.json`; stage keys: "
+           + ", ".join(f"{k} `{v}`" for k, v in results["stage_keys"].items()), "",
+           "Greedy accuracy (%) on held-out prompts ± binomial standard error; "
+           "`native` is the condition the method was trained to be used with.", "",
+           "| method | native | accuracy (native) | mean length | answered % |",
+           "|---|---|---|---|---|"]
+  for method, res in ev.items():
+    r = res.get(res["native"])
+    if r is None:
+      continue
+    lines.append(f"| {method} | {res['native']} | {100 * r['accuracy']:.1f} ± "
+                 f"{100 * r['stderr']:.1f} | {r['mean_length']:.1f} | "
+                 f"{100 * r['answered']:.0f} |")
+  lines += ["", "## Accuracy (%) by condition", "",
+            evaluation.markdown_table({m: {c: v for c, v in r.items() if c in conditions}
+                                         for m, r in ev.items()}, conditions),
+            "## Checks", ""]
+  for name, c in results["checks"].items():
+    lines.append(f"- {name}: {c['value']:.1f} (need ≥ {c['need']:.0f}) "
+                 f"{'PASS' if c['ok'] else 'FAIL'}")
+  b = results["budget"]
+  lines += ["", "## Generated samples per method", "",
+            f"- FCP: {b['collect']} collected + {b['fcp_online']} online = "
+            f"{b['fcp_total']}",
+            f"- RFT: {b['rft_total']}", f"- GRPO: {b['grpo_total']} "
+            f"({b['grpo_rounds']} rounds)", ""]
+  return "\n".join(lines) + "\n"
+
+
+def write_plots(workdir: str, results: Mapping[str, Any],
+                conditions: Sequence[str]) -> List[str]:
+  """Accuracy per method, accuracy by condition, and training curves (PNG)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  out_dir = os.path.join(workdir, "plots")
+  os.makedirs(out_dir, exist_ok=True)
+  ev = results["eval"]
+  methods = list(ev)
+  paths = []
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  acc = [100 * ev[m][ev[m]["native"]]["accuracy"] for m in methods]
+  err = [100 * ev[m][ev[m]["native"]]["stderr"] for m in methods]
+  ax.bar(methods, acc, yerr=err, capsize=4, color="tab:blue")
+  ax.set_ylabel("accuracy % (native condition)")
+  ax.set_title("Accuracy per method")
+  paths.append(_save(fig, plt, os.path.join(out_dir, "accuracy_per_method.png")))
+
+  fig, ax = plt.subplots(figsize=(8, 4))
+  width = 0.8 / max(len(conditions), 1)
+  for j, c in enumerate(conditions):
+    xs = np.arange(len(methods)) + j * width
+    ys = [100 * ev[m][c]["accuracy"] if c in ev[m] else 0.0 for m in methods]
+    es = [100 * ev[m][c]["stderr"] if c in ev[m] else 0.0 for m in methods]
+    ax.bar(xs, ys, width, yerr=es, capsize=2, label=c)
+  ax.set_xticks(np.arange(len(methods)) + 0.4 - width / 2)
+  ax.set_xticklabels(methods)
+  ax.set_ylabel("accuracy %")
+  ax.set_title("Accuracy by condition")
+  ax.legend()
+  paths.append(_save(fig, plt, os.path.join(out_dir, "accuracy_by_condition.png")))
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for stage in ("warmup", "offline_fcp", "rft"):
+    recs = metrics_lib.read_jsonl(os.path.join(workdir, stage, metrics_lib.JSONL_NAME))
+    pts = [(r["step"], r["train/loss"]) for r in recs if "train/loss" in r]
+    if pts:
+      axes[0].plot(*zip(*pts), label=stage)
+  axes[0].set_xlabel("step")
+  axes[0].set_ylabel("train loss")
+  axes[0].set_yscale("log")
+  axes[0].legend()
+  for stage in ("fcp_bootstrap", "grpo"):
+    recs = metrics_lib.read_jsonl(os.path.join(workdir, stage, metrics_lib.JSONL_NAME))
+    pts = [(r["step"], r["rollout/correct"]) for r in recs if "rollout/correct" in r]
+    if pts:
+      axes[1].plot(*zip(*pts), label=stage)
+  axes[1].set_xlabel("round")
+  axes[1].set_ylabel("rollout accuracy (sampling condition)")
+  axes[1].legend()
+  paths.append(_save(fig, plt, os.path.join(out_dir, "curves.png")))
+  return paths
+
+
+def _save(fig, plt, path: str) -> str:
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

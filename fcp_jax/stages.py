@@ -1,0 +1,193 @@
+"""Stages of an experiment, keyed by what they consumed.
+
+A stage's key is the sha256 of its name, its settings (the resolved config it ran
+with, as JSON, minus ``NON_SEMANTIC`` keys) and its inputs (the keys of the stages it
+reads, digests of the data it reads). Its outputs live in ``<store>/<name>/<key>/``,
+and ``<workdir>/<name>`` is a link to the folder of the key that the workdir's current
+config resolves to. So:
+
+* a re-run with the same config finds each stage's ``stage_done.json`` and skips it;
+  an interrupted stage resumes in its own folder (from its checkpoints);
+* a changed setting changes the key of every stage that reads it and, through their
+  inputs, of every stage downstream: those run anew in folders of their own, while the
+  stages upstream of the change are reused;
+* stages of equal keys are shared: workdirs that point at one store (a sweep's arms)
+  reuse each other's warm-up and collection. A lock file serialises two processes that
+  reach the same stage at once.
+
+``on_change="refuse"`` raises ``StaleStageError`` instead of recomputing, listing the
+settings and inputs that changed since the workdir's link was made.
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from absl import logging
+import numpy as np
+
+DONE = "stage_done.json"
+SPEC = "stage.json"
+ON_CHANGE = ("recompute", "refuse")
+# Settings that change how a stage reports or saves, not what it computes.
+NON_SEMANTIC = ("log_every", "plots", "checkpoint")
+
+
+class StaleStageError(RuntimeError):
+  """A finished stage's key changed and ``on_change="refuse"`` was asked for."""
+
+
+def jsonable(x: Any) -> Any:
+  """``x`` with numpy scalars, tuples and other objects made JSON-friendly."""
+  if hasattr(x, "to_dict"):  # ConfigDict, Feedback.
+    x = x.to_dict()
+  if isinstance(x, Mapping):
+    return {str(k): jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [jsonable(v) for v in x]
+  if isinstance(x, (np.floating, np.integer, np.bool_)):
+    return x.item()
+  if isinstance(x, (str, int, float, bool)) or x is None:
+    return x
+  return str(x)
+
+
+def write_json(path: str, obj: Any):
+  """Writes ``obj`` as JSON atomically (temporary file, then rename)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(jsonable(obj), f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def file_digest(*paths: str) -> str:
+  """sha256 of the bytes of ``paths`` (in order)."""
+  h = hashlib.sha256()
+  for path in paths:
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
+  return h.hexdigest()
+
+
+def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
+  if isinstance(tree, Mapping):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def _semantic(settings: Mapping[str, Any]) -> Dict[str, Any]:
+  return {k: v for k, v in jsonable(settings).items() if k not in NON_SEMANTIC}
+
+
+def stage_key(name: str, settings: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
+  payload = json.dumps(dict(stage=name, settings=_semantic(settings),
+                            inputs=jsonable(inputs)), sort_keys=True)
+  return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> List[str]:
+  """``"key: old -> new"`` for every flattened key whose value differs."""
+  a, b = _flat(old), _flat(new)
+  return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+          for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+class Stages:
+  """Runs each stage of a workdir once per key (see the module docstring).
+
+  Args:
+    workdir: the experiment's folder; ``<workdir>/<name>`` links to each stage.
+    store: where stage folders live (default ``<workdir>/stages``); sweeps share one.
+    on_change: ``"recompute"`` or ``"refuse"`` (``StaleStageError``).
+  """
+
+  def __init__(self, workdir: str, *, store: Optional[str] = None,
+               on_change: str = "recompute"):
+    if on_change not in ON_CHANGE:
+      raise ValueError(f"on_change={on_change!r}; expected one of {ON_CHANGE}.")
+    self.workdir = os.path.abspath(workdir)
+    self.store = os.path.abspath(store or os.path.join(workdir, "stages"))
+    self.on_change = on_change
+    self.records: Dict[str, Dict[str, Any]] = {}
+    self.keys: Dict[str, str] = {}
+    self.folders: Dict[str, str] = {}
+
+  def path(self, name: str) -> str:
+    """The folder of stage ``name`` (known once it ran or was found done)."""
+    return self.folders[name]
+
+  def run(self, name: str, fn: Callable[[str], Mapping[str, Any]], *,
+          settings: Mapping[str, Any], inputs: Mapping[str, str] = ()) -> Dict[str, Any]:
+    """Returns the record of stage ``name``, running ``fn(folder)`` unless it is done.
+
+    ``settings`` are what the stage computes from (a resolved config as a dict);
+    ``inputs`` maps what it reads (an upstream stage's name, a data file) to that
+    input's key or digest.
+    """
+    inputs = dict(inputs)
+    key = stage_key(name, settings, inputs)
+    folder = os.path.join(self.store, name, key)
+    link = os.path.join(self.workdir, name)
+    self._check_link(name, link, folder, settings, inputs)
+    os.makedirs(folder, exist_ok=True)
+    with _locked(os.path.join(folder, ".lock")):
+      done = os.path.join(folder, DONE)
+      if os.path.exists(done):
+        with open(done) as f:
+          record = json.load(f)
+        logging.info("Stage %s (%s): complete, skipped.", name, key)
+      else:
+        logging.info("Stage %s (%s): running in %s.", name, key, folder)
+        write_json(os.path.join(folder, SPEC), dict(
+            stage=name, key=key, settings=_semantic(settings), inputs=inputs))
+        t0 = time.perf_counter()
+        record = dict(jsonable(fn(folder)), key=key, seconds=time.perf_counter() - t0)
+        write_json(done, record)
+    self._link(link, folder)
+    self.records[name], self.keys[name], self.folders[name] = record, key, folder
+    return record
+
+  def _check_link(self, name, link, folder, settings, inputs):
+    if os.path.lexists(link) and not os.path.islink(link):
+      raise RuntimeError(f"{link} is a folder, not a link to a stage: this workdir was "
+                         "written by an older layout of fcp_jax; use a new workdir.")
+    if self.on_change != "refuse" or not os.path.islink(link):
+      return
+    old = os.path.realpath(link)
+    if old == os.path.realpath(folder) or not os.path.exists(os.path.join(old, DONE)):
+      return
+    with open(os.path.join(old, SPEC)) as f:
+      spec = json.load(f)
+    diff = changes(spec["settings"], _semantic(settings)) + [
+        f"input {k}: {spec['inputs'].get(k)} -> {v}" for k, v in inputs.items()
+        if spec["inputs"].get(k) != v]
+    raise StaleStageError(
+        f"Stage {name!r} in {self.workdir} was computed with other settings (on_change="
+        f"'refuse'); changed:\n  " + "\n  ".join(diff or ["(settings outside the key)"]))
+
+  def _link(self, link: str, folder: str):
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    target = os.path.relpath(folder, os.path.dirname(link))
+    if os.path.islink(link) and os.readlink(link) == target:
+      return
+    tmp = f"{link}.{os.getpid()}.tmp"
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+@contextlib.contextmanager
+def _locked(path: str):
+  with open(path, "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

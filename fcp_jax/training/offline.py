@@ -1,0 +1,287 @@
+"""The offline learner: FCP, SFT or RFT by masked NLL, sharded, checkpointed, resumable.
+
+``run(config, workdir)`` trains (or resumes) the run of a ``fcp_jax.train`` config; the
+``fcp_jax.train`` driver and the pipeline's warm-up, offline FCP and RFT stages call it.
+
+Objectives (``OBJECTIVES``) differ only in the data they feed the same NLL:
+
+* ``fcp``: feedback triples, trained as ``log π(response | <EF>c</EF> question)``;
+* ``rft``: the triples whose response is correct, trained without a condition;
+* ``sft``: (question, reference response) pairs, without a condition;
+* ``sft_null``, ``rft_null``: as ``sft`` and ``rft`` under the null condition
+  ``<EF></EF>`` (``rft_null`` is the FCP pipeline's RFT baseline);
+* ``warmup``: the FCP pipeline's warm-up rows (triples format: reference responses under
+  the null condition, some under a feedback text drawn at random).
+
+Calling ``run`` again on the same workdir resumes from the newest complete checkpoint in
+``workdir/checkpoints`` (model, optimizer and data-iterator state), so the finished run
+is bitwise the uninterrupted one, and ``metrics.jsonl`` keeps each step once (records
+written after that checkpoint, or by a run that never checkpointed, are dropped). The
+run writes ``config.json``, ``metrics.jsonl``, ``tb/``, ``checkpoints/`` and ``plots/``.
+
+A fresh run starts from ``config.init_from``'s params when set: another run's workdir,
+or a pretrained model written once by ``policy.write_pretrained_base`` (whose folder is
+also a valid ``config.tokenizer``). A ternary model started from a float checkpoint gets
+the ternary-only params it lacks (extra-RMSNorm gains, ...) from their initialisers,
+and says so in the log; any other missing parameter is an error.
+
+``callbacks``: functions called as ``callback("step", step)`` after each update is
+logged and its checkpoint (if due) committed (tests use them to stop a run at a known
+point).
+"""
+
+import os
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from fcp_jax import config_lib
+from fcp_jax import policy as policy_lib
+from fcp_jax.data import pipeline as pipeline_lib
+from fcp_jax.data import tfds_builders
+from fcp_jax.registry import Registry
+from fcp_jax.training import checkpoint as checkpoint_lib
+from fcp_jax.training import losses as losses_lib
+from fcp_jax.training import metrics as metrics_lib
+from fcp_jax.training import sharding as sharding_lib
+from fcp_jax.training import state as state_lib
+from fcp_jax.training import step as step_lib
+
+OBJECTIVES = Registry("offline objective")
+Callback = Callable[[str, int], None]
+
+
+# ---------------------------------------------------------------------------------------
+# Objectives: which records, and which prompt condition.
+# ---------------------------------------------------------------------------------------
+
+
+@OBJECTIVES.register("fcp")
+def fcp_records(data_cfg: Mapping[str, Any], split: str) -> Tuple[Sequence[Any], str]:
+  """Every feedback triple, conditioned on its feedback text."""
+  return tfds_builders.load_source(tfds_builders.TRIPLES, data_cfg["data_dir"],
+                                   data_cfg["name"], split), "record"
+
+
+@OBJECTIVES.register("rft")
+def rft_records(data_cfg: Mapping[str, Any], split: str) -> Tuple[Sequence[Any], str]:
+  """Only the triples whose response is correct, without a condition."""
+  source = tfds_builders.load_source(tfds_builders.TRIPLES, data_cfg["data_dir"],
+                                     data_cfg["name"], split)
+  kept = [r for r in source if int(r["correct"]) == 1]
+  logging.info("rft: kept %d of %d %s triples (correct only).", len(kept), len(source),
+               split)
+  return kept, "none"
+
+
+@OBJECTIVES.register("sft")
+def sft_records(data_cfg: Mapping[str, Any], split: str) -> Tuple[Sequence[Any], str]:
+  """(question, reference response) pairs, without a condition."""
+  return tfds_builders.load_source(tfds_builders.SFT, data_cfg["data_dir"],
+                                   data_cfg["name"], split), "none"
+
+
+@OBJECTIVES.register("sft_null")
+def sft_null_records(data_cfg: Mapping[str, Any], split: str
+                     ) -> Tuple[Sequence[Any], str]:
+  """SFT pairs under the null condition: ``<EF></EF>question -> reference``."""
+  return sft_records(data_cfg, split)[0], "null"
+
+
+@OBJECTIVES.register("warmup")
+def warmup_records(data_cfg: Mapping[str, Any], split: str
+                   ) -> Tuple[Sequence[Any], str]:
+  """The pipeline's warm-up rows (triples format) under their own condition.
+
+  That is the null condition ``""`` or, for ``data.warmup_conditions`` of them, a
+  feedback text drawn at random, independent of the reference response.
+  """
+  return fcp_records(data_cfg, split)[0], "record"
+
+
+@OBJECTIVES.register("rft_null")
+def rft_null_records(data_cfg: Mapping[str, Any], split: str
+                     ) -> Tuple[Sequence[Any], str]:
+  """Correct triples under the null condition: ``<EF></EF>question -> response``."""
+  return rft_records(data_cfg, split)[0], "null"
+
+
+def make_pipeline(config: ml_collections.ConfigDict, tok, split: str, *, batch_size: int,
+                  train: bool) -> pipeline_lib.Pipeline:
+  """This process's grain pipeline of ``split`` for ``config.objective``."""
+  data = config.data
+  if not data.data_dir:
+    raise ValueError("config.data.data_dir is empty: point it at the TFDS data dir "
+                     "built with fcp_jax.data.tfds_builders.build(...).")
+  records, condition = OBJECTIVES.build(config.objective, dict(data), split)
+  if batch_size % jax.process_count():
+    raise ValueError(f"Batch size {batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes.")
+  return pipeline_lib.Pipeline(
+      records, tok, batch_size=batch_size // jax.process_count(), max_len=data.max_len,
+      condition=condition, system=data.system, pack=data.pack, overflow=data.overflow,
+      shuffle=train, seed=config.seed, num_epochs=None if train else 1,
+      drop_remainder=train,
+      num_workers=data.num_workers if train else 0)
+
+
+def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> Dict[str, np.ndarray]:
+  """Pads a final partial batch with empty rows (segment 0, no loss) up to ``rows``."""
+  extra = rows - len(batch["tokens"])
+  return {k: np.concatenate([v, np.zeros((extra,) + v.shape[1:], v.dtype)])
+          for k, v in batch.items()}
+
+
+def _tokens_in(batch: Mapping[str, np.ndarray]) -> int:
+  return int(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        callbacks: Sequence[Callback] = ()) -> Dict[str, Any]:
+  """Trains (or resumes) the run in ``workdir``; returns a summary dict."""
+  # -------------------------------------------------------------------------------------
+  # Setup.
+  # -------------------------------------------------------------------------------------
+  sharding_lib.initialize_distributed(config.parallel)
+  is_primary = jax.process_index() == 0
+  if is_primary:
+    config_lib.write_config(config, workdir)
+  total_steps = int(config.total_steps)
+  for key in ("total_steps", "log_every", "batch_size"):
+    if int(config[key]) < 1:
+      raise ValueError(f"config.{key} must be >= 1, got {config[key]}.")
+  tok = policy_lib.build_tokenizer(config.tokenizer)
+
+  # -------------------------------------------------------------------------------------
+  # Mesh.
+  # -------------------------------------------------------------------------------------
+  par = sharding_lib.build(config.parallel)
+  logging.info("Parallel mode %s over %d devices (%d processes).",
+               config.parallel.mode, jax.device_count(), jax.process_count())
+
+  # -------------------------------------------------------------------------------------
+  # Data.
+  # -------------------------------------------------------------------------------------
+  train_pipe = make_pipeline(config, tok, config.data.train_split,
+                             batch_size=config.batch_size, train=True)
+  logging.info("Train data: %s", train_pipe.report)
+  train_iter = iter(train_pipe)
+  eval_batches: List[Dict[str, np.ndarray]] = []
+  if config.eval.every and config.data.eval_split:
+    eval_pipe = make_pipeline(config, tok, config.data.eval_split,
+                              batch_size=config.eval.batch_size, train=False)
+    for batch in eval_pipe:
+      if len(eval_batches) >= config.eval.max_batches:
+        break
+      eval_batches.append(pad_rows(batch, config.eval.batch_size // jax.process_count()))
+    if not eval_batches:
+      raise ValueError(f"Eval split {config.data.eval_split!r} is empty: "
+                       f"{eval_pipe.report}. Set config.eval.every=0 to skip evaluation.")
+    logging.info("Eval data: %d batches; %s", len(eval_batches), eval_pipe.report)
+
+  # -------------------------------------------------------------------------------------
+  # Model and step.
+  # -------------------------------------------------------------------------------------
+  tr = step_lib.build_training(config, par, total_steps=total_steps)
+  policy_lib.check_vocab(tok, tr.model_cfg)
+  quant_probe = None
+  if tr.model_cfg.weight_quant != "none":
+    from fcp_jax.models import ternary  # pylint: disable=g-import-not-at-top
+    probe = par.jit_replicated(step_lib.make_quant_probe(tr.model,
+                                                         qlambda_fn=tr.qlambda_fn))
+    quant_probe = lambda params, step: ternary.quant_metrics(
+        jax.device_get(probe(params, np.int32(step))))
+
+  def evaluate(params, step: int) -> Dict[str, float]:
+    terms = None
+    for batch in eval_batches:
+      t = tr.eval_step(params, par.put_batch(batch), np.int32(step))
+      terms = t if terms is None else losses_lib.add_terms(terms, t)
+    out = jax.device_get(losses_lib.finalize_metrics(terms))
+    return {k: float(v) for k, v in out.items()}
+
+  # -------------------------------------------------------------------------------------
+  # Checkpoint: resume from the newest complete step, else start (or init_from).
+  # -------------------------------------------------------------------------------------
+  ckpt = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
+      keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  restored = ckpt.restore_latest(tr.abstract_state, data_iter=train_iter)
+  if restored is not None:
+    state = restored.state
+    logging.info("Resumed from step %d.", restored.step)
+  else:
+    state = tr.create_state(jax.random.PRNGKey(config.seed))
+    if config.init_from:
+      state = state.replace(params=checkpoint_lib.restore_params(
+          config.init_from, tr.abstract_state.params,
+          fill_missing=policy_lib.fill_quant_params_fn(tr.model)))
+  start_step = int(jax.device_get(state.step))
+
+  # -------------------------------------------------------------------------------------
+  # Loop.
+  # -------------------------------------------------------------------------------------
+  # Records after the restored step (or all, starting afresh) are dropped: each once.
+  writer = metrics_lib.MetricWriter(
+      workdir, resume_step=start_step if restored is not None else -1,
+      is_primary=is_primary)
+  progress = metrics_lib.Progress(total_steps, start_step)
+  pending = metrics_lib.PendingMetrics()
+  eval_history: List[Tuple[int, float]] = []
+  last_train: Dict[str, float] = {}
+
+  def run_eval(step: int):
+    if not eval_batches:
+      return
+    m = evaluate(state.params, step)
+    metrics_lib.check_finite(step, {f"eval/{k}": v for k, v in m.items()})
+    writer.write(step, {f"eval/{k}": v for k, v in m.items()})
+    if quant_probe is not None:
+      writer.write(step, quant_probe(state.params, step))
+    eval_history.append((step, m["loss"]))
+    logging.info("step %d eval: loss %.4f accuracy %.4f (%d tokens)", step, m["loss"],
+                 m["accuracy"], m["tokens"])
+
+  try:
+    if restored is None:
+      run_eval(start_step)
+    for step in range(start_step + 1, total_steps + 1):
+      batch = next(train_iter)
+      state, step_metrics = tr.train_step(state, par.put_batch(batch))
+      pending.add(step, step_metrics)
+      progress.add_tokens(_tokens_in(batch))
+      eval_due = bool(eval_batches) and step % config.eval.every == 0
+      ckpt_due = config.checkpoint.every and step % config.checkpoint.every == 0
+      if step % config.log_every == 0 or eval_due or ckpt_due or step == total_steps:
+        for s, m in pending.fetch():  # NaN/Inf guard: raises before anything is saved.
+          writer.write(s, {f"train/{k}": v for k, v in m.items()})
+          last_train = m
+        speed = progress.report(step)
+        writer.write(step, {f"speed/{k}": v for k, v in speed.items()})
+        logging.info("%s", progress.line(step, last_train, speed))
+      if eval_due or (step == total_steps and eval_batches):
+        run_eval(step)
+      ckpt.save(step, state, data_iter=train_iter, force=step == total_steps)
+      writer.flush()
+      if callbacks:
+        ckpt.wait()  # Callbacks see every checkpoint due so far committed.
+      for callback in callbacks:
+        callback("step", step)
+  finally:
+    ckpt.close()
+    writer.close()
+
+  # -------------------------------------------------------------------------------------
+  # Summary.
+  # -------------------------------------------------------------------------------------
+  plots = metrics_lib.plot_curves(workdir) if (config.plots and is_primary) else []
+  summary = dict(
+      workdir=workdir, step=int(jax.device_get(state.step)), start_step=start_step,
+      resumed=restored is not None, train=last_train, eval_history=eval_history,
+      eval_loss=eval_history[-1][1] if eval_history else None, plots=plots,
+      train_data=train_pipe.report)
+  logging.info("Done: %s", {k: summary[k] for k in ("step", "eval_loss")})
+  return summary
