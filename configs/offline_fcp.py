@@ -62,8 +62,6 @@ def get_config(arg=None):
   config.parallel = ml_collections.ConfigDict(dict(
       mode="mesh", mesh_shape=(-1, 1, 1), rules=sharding.DEFAULT_RULES,
       distributed=False, coordinator_address="", num_processes=0, process_id=-1))
-  config.debug = ml_collections.ConfigDict(dict(
-      nan_at_step=-1))                      # test hook: NaN loss at this step
   config.plots = True
 
   if arg.ternary:

@@ -108,7 +108,7 @@ DERIVED = {
                "online.task_seed": "data.task_seed",
                "online.instruction": "data.instruction", "online.system": "data.system",
                "online.condition_kind": "kind", "online.feedback": "feedback"},
-    "eval": {**_COMMON, "eval.task": "data.task", "eval.task_seed": "data.task_seed",
+    "eval": {**_COMMON, "parallel": "parallel", "eval.task": "data.task", "eval.task_seed": "data.task_seed",
              "eval.instruction": "data.instruction", "eval.system": "data.system",
              "eval.kind": "kind", "eval.feedback": "feedback"},
 }
@@ -341,11 +341,13 @@ class _QuietLibraries(logging.Filter):
 def driver_main(argv: Sequence[str], run: Callable[[Any, str], Any]) -> Any:
   """The command line every driver shares: ``--config spec --workdir DIR [--config.k=v]``.
 
-  Parses and validates the flags, sets up absl logging (INFO), then calls
-  ``run(config, workdir)`` and returns its result.
+  Parses and validates the flags, sets up absl logging (INFO), initialises
+  ``jax.distributed`` when ``config.parallel`` (or the environment) asks for it, before
+  any JAX call, then calls ``run(config, workdir)`` and returns its result.
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  from fcp_jax.training import sharding  # pylint: disable=g-import-not-at-top
   config, rest = config_from_argv(argv)
   workdir = rest.pop("workdir", "")
   if not workdir:
@@ -357,4 +359,6 @@ def driver_main(argv: Sequence[str], run: Callable[[Any, str], Any]) -> Any:
   absl_logging.use_absl_handler()
   absl_logging.set_verbosity(absl_logging.INFO)
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  if "parallel" in config:  # Before any JAX call: jax.distributed when asked.
+    sharding.initialize_distributed(config.parallel)
   return run(config, workdir)

@@ -5,7 +5,7 @@
         --config.eval.negatives=NEGATIVES.json
 
 The conditions and statistics are ``fcp_jax.evaluation``'s; results go to
-``DIR/eval.json`` and ``DIR/eval.md``.
+``DIR/eval.json`` and ``DIR/eval.md`` (written by process 0 of a multi-process run).
 """
 
 import sys
@@ -14,6 +14,7 @@ from typing import Any, Dict, Sequence
 import ml_collections
 
 from fcp_jax import config_lib
+from fcp_jax import distributed
 from fcp_jax import evaluation
 from fcp_jax import policy as policy_lib
 from fcp_jax.data import tasks as tasks_lib
@@ -37,7 +38,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       texts=dict(negative=ev.negative, positive=ev.positive),
       system=ev.system or None, instruction=ev.instruction,
       max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, qlambda=policy.qlambda)
-  evaluation.write_results(results, workdir)
+  if distributed.is_primary():
+    evaluation.write_results(results, workdir)
   return results
 
 

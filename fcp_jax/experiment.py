@@ -51,6 +51,7 @@ import ml_collections
 import numpy as np
 
 from fcp_jax import config_lib
+from fcp_jax import distributed
 from fcp_jax import evaluation
 from fcp_jax import policy as policy_lib
 from fcp_jax import rollout as rollout_lib
@@ -89,6 +90,14 @@ def _with(cfg: ml_collections.ConfigDict, **updates) -> ml_collections.ConfigDic
         node = node[p]
       node[leaf] = value
   return out
+
+
+def _build_once(dataset: str, splits: Mapping[str, List[Dict[str, Any]]], data_dir: str,
+                name: str):
+  """``build_dataset`` on process 0; every process returns once it can be read."""
+  if distributed.is_primary():
+    build_dataset(dataset, splits, data_dir, name)
+  distributed.barrier(f"dataset {data_dir} {name}")
 
 
 def _rows(ro: rollout_lib.Rollouts) -> List[Dict[str, Any]]:
@@ -297,17 +306,17 @@ def pretrained_base(ex: Experiment):
   """Stage 0: the pretrained model as a checkpoint + tokenizer (``config.pretrained``)."""
   config = ex.config
   if config.get("pretrained"):
+    for key, value in (("tokenizer", config.tokenizer),
+                       ("warmup.init_from", config.warmup.init_from)):
+      if value:
+        raise ValueError(f"config.pretrained={config.pretrained!r} and config.{key}="
+                         f"{value!r} are both set; keep one.")
     ex.run("base", lambda folder: policy_lib.write_pretrained_base(
         config.pretrained, config.model, folder),
         settings=dict(pretrained=config.pretrained, model=config.model))
+    # Every stage reads the base's tokenizer; the warm-up starts from its params.
     base = ex.stages.path("base")
-    if config.tokenizer:
-      raise ValueError(f"config.pretrained={config.pretrained!r} and config.tokenizer="
-                       f"{config.tokenizer!r} are both set; keep one.")
-    if config.warmup.init_from:
-      raise ValueError(f"config.pretrained={config.pretrained!r} and config.warmup."
-                       f"init_from={config.warmup.init_from!r} are both set; keep one.")
-    ex.config = _with(config, tokenizer=base)
+    ex.config = _with(config, **{"tokenizer": base, "warmup.init_from": base})
   ex.policy = policy_lib.Policy(ex.config.model, ex.config.tokenizer,
                                 ex.config.warmup.quant)
 
@@ -327,8 +336,9 @@ def prompts(ex: Experiment):
 
   def make(folder):
     for name, text in lines.items():
-      with open(os.path.join(folder, f"{name}.jsonl"), "w") as f:
-        f.writelines(text)
+      if distributed.is_primary():
+        with open(os.path.join(folder, f"{name}.jsonl"), "w") as f:
+          f.writelines(text)
     return dict(train=len(train), eval=len(held_out), digest=digest)
 
   ex.stages.run("data", make, settings=dict(data=data, task_seed=task_seed),
@@ -351,8 +361,8 @@ def warmup(ex: Experiment):
                              direct_fraction=data.direct_fraction,
                              condition_fraction=data.warmup_conditions, bank=bank)
     tfds_dir = os.path.join(folder, TFDS_DIR)
-    build_dataset(tfds_builders.TRIPLES, split_records(records, 0.05, ex.seed), tfds_dir,
-                  cfg.data.name)
+    _build_once(tfds_builders.TRIPLES, split_records(records, 0.05, ex.seed), tfds_dir,
+                cfg.data.name)
     return offline.run(_with(cfg, **{"data.data_dir": tfds_dir}), folder)
 
   ex.run("warmup", fn, inputs=("data",), settings=dict(
@@ -378,21 +388,24 @@ def collect(ex: Experiment) -> Dict[str, Any]:
                                 seed=ex.seed, direct_fraction=data.direct_fraction)
     records = [tfds_builders.triple_record(r["example"], r["question"], r["response"],
                                            r["feedback"], kind) for r in kept + references]
-    build_dataset(tfds_builders.TRIPLES, split_records(records, col.eval_fraction, ex.seed),
-                  os.path.join(folder, TFDS_DIR), config.offline.data.name)
+    _build_once(tfds_builders.TRIPLES, split_records(records, col.eval_fraction, ex.seed),
+                os.path.join(folder, TFDS_DIR), config.offline.data.name)
     feedback = ro.feedback
     pool = pool_lib.ConditionPool.build(feedback, kind=kind, min_score=col.pool_min_score,
                                         require_correct=col.pool_require_correct)
-    pool.save(os.path.join(folder, "pool.json"))
     try:
       negatives = pool_lib.ConditionPool.build(
           feedback, kind=kind, min_score=0, max_score=col.negative_max_score,
           require_incorrect=True)
-      negatives.save(os.path.join(folder, "negatives.json"))
     except pool_lib.EmptyPoolError:  # No wrong sample scored that low (warned below).
       negatives = ()
-    # Correct samples for the RFT baseline (its second, equal-budget share comes later).
-    stages_lib.write_json(os.path.join(folder, "correct.json"), _correct(rows + references))
+    if distributed.is_primary():
+      pool.save(os.path.join(folder, "pool.json"))
+      if negatives:
+        negatives.save(os.path.join(folder, "negatives.json"))
+      # Correct samples for the RFT baseline (its second, equal-budget share is later).
+      stages_lib.write_json(os.path.join(folder, "correct.json"),
+                            _correct(rows + references))
     return dict(stats, samples=len(rows), triples=len(records), pool=len(pool),
                 negatives=len(negatives), references=len(references),
                 pool_stats=pool.stats, sample_accuracy=float(np.mean(
@@ -451,9 +464,9 @@ def rft(ex: Experiment, collected: Mapping[str, Any]):
       correct = json.load(f) + _correct(_rows(extra))
     unique = list({(r["question"], r["response"]): r for r in correct}.values())
     tfds_dir = os.path.join(folder, TFDS_DIR)
-    build_dataset(tfds_builders.TRIPLES, split_records(
+    _build_once(tfds_builders.TRIPLES, split_records(
         [dict(r, kind=config.kind) for r in unique], 0.05, ex.seed), tfds_dir,
-                  cfg.data.name)
+                cfg.data.name)
     summary = offline.run(_with(cfg, **{"data.data_dir": tfds_dir,
                                         "init_from": ex.stages.path("warmup")}), folder)
     return dict(summary, samples=collected["samples"] + len(extra),
@@ -510,7 +523,8 @@ def evaluate_methods(ex: Experiment) -> Dict[str, Any]:
           kind=ev.kind, texts=dict(negative=ev.negative, positive=ev.positive),
           system=ex.system, instruction=ev.instruction, max_new_tokens=ev.max_new_tokens,
           batch_size=ev.batch_size, qlambda=ex.policy.qlambda)
-      evaluation.write_results(results, folder)
+      if distributed.is_primary():
+        evaluation.write_results(results, folder)
       return results
 
     record = ex.run(f"eval/{method}", fn, settings=dict(stage=cfg),
@@ -559,12 +573,13 @@ def write_results(ex: Experiment, evaluations: Mapping[str, Any],
       eval=evaluations, checks=effect_checks(evaluations),
       stage_seconds={k: v.get("seconds") for k, v in records.items()},
       total_seconds_this_call=seconds)
-  config_lib.write_config(ex.config, workdir)  # The config these results are of.
-  stages_lib.write_json(os.path.join(workdir, "results.json"), results)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(results_markdown(results, conditions))
-  results["plots"] = write_plots(workdir, results, conditions)
-  stages_lib.write_json(os.path.join(workdir, "results.json"), results)
+  if distributed.is_primary():
+    config_lib.write_config(ex.config, workdir)  # The config these results are of.
+    stages_lib.write_json(os.path.join(workdir, "results.json"), results)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(results_markdown(results, conditions))
+    results["plots"] = write_plots(workdir, results, conditions)
+    stages_lib.write_json(os.path.join(workdir, "results.json"), results)
   logging.info("Results:\n%s", results_markdown(results, conditions))
   return results
 

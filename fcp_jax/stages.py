@@ -17,6 +17,10 @@ config resolves to. So:
 
 ``on_change="refuse"`` raises ``StaleStageError`` instead of recomputing, listing the
 settings and inputs that changed since the workdir's link was made.
+
+On several processes every process runs each stage's function (its computations are
+collective) and process 0 alone writes the stage's records and links, between barriers;
+the store must be on a file system that every process sees.
 """
 
 import contextlib
@@ -30,11 +34,15 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 from absl import logging
 import numpy as np
 
+from fcp_jax import distributed
+
 DONE = "stage_done.json"
 SPEC = "stage.json"
 ON_CHANGE = ("recompute", "refuse")
-# Settings that change how a stage reports or saves, not what it computes.
-NON_SEMANTIC = ("log_every", "plots", "checkpoint")
+# Settings, at any depth, that change how a stage reports, saves or is launched, not
+# what it computes (the parallel section's process layout included).
+NON_SEMANTIC = ("log_every", "plots", "checkpoint", "distributed", "coordinator_address",
+                "num_processes", "process_id")
 
 
 class StaleStageError(RuntimeError):
@@ -83,8 +91,11 @@ def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
-def _semantic(settings: Mapping[str, Any]) -> Dict[str, Any]:
-  return {k: v for k, v in jsonable(settings).items() if k not in NON_SEMANTIC}
+def _semantic(settings: Any) -> Any:
+  if isinstance(settings, Mapping) or hasattr(settings, "to_dict"):
+    return {k: _semantic(v) for k, v in jsonable(settings).items()
+            if k not in NON_SEMANTIC}
+  return jsonable(settings)
 
 
 def stage_key(name: str, settings: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
@@ -136,22 +147,29 @@ class Stages:
     key = stage_key(name, settings, inputs)
     folder = os.path.join(self.store, name, key)
     link = os.path.join(self.workdir, name)
+    distributed.barrier(f"stage {name} {key}")  # Nobody writes this stage's files yet.
     self._check_link(name, link, folder, settings, inputs)
-    os.makedirs(folder, exist_ok=True)
-    with _locked(os.path.join(folder, ".lock")):
+    primary = distributed.is_primary()
+    if primary:
+      os.makedirs(folder, exist_ok=True)
+    with _locked(os.path.join(folder, ".lock")) if primary else contextlib.nullcontext():
       done = os.path.join(folder, DONE)
-      if os.path.exists(done):
+      if distributed.broadcast_json(os.path.exists(done)):  # Process 0 decides.
         with open(done) as f:
           record = json.load(f)
         logging.info("Stage %s (%s): complete, skipped.", name, key)
       else:
         logging.info("Stage %s (%s): running in %s.", name, key, folder)
-        write_json(os.path.join(folder, SPEC), dict(
-            stage=name, key=key, settings=_semantic(settings), inputs=inputs))
+        if primary:
+          write_json(os.path.join(folder, SPEC), dict(
+              stage=name, key=key, settings=_semantic(settings), inputs=inputs))
         t0 = time.perf_counter()
         record = dict(jsonable(fn(folder)), key=key, seconds=time.perf_counter() - t0)
-        write_json(done, record)
-    self._link(link, folder)
+        if primary:
+          write_json(done, record)
+    if primary:
+      self._link(link, folder)
+    distributed.barrier(f"stage {name} {key} done")
     self.records[name], self.keys[name], self.folders[name] = record, key, folder
     return record
 

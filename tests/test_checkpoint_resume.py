@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -185,12 +184,20 @@ def test_sigkill_and_rerun_is_bitwise_equal_to_uninterrupted(tmp_path):
   assert [s for s, _ in _train_losses(killed)] == list(range(1, TOTAL + 1))
 
 
+@optim.SCHEDULES.register("nan_from")
+def _nan_from(progress, *, step: int, total: int):
+  """Test-only lr shape: NaN from update number ``step`` (1-based) of ``total`` on."""
+  return jnp.where(progress * total >= step - 1 - 1e-3, jnp.nan, 1.0)
+
+
 def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path):
   data_dir = build_triples(str(tmp_path / "tfds"), n_train=32, n_eval=8)
   workdir = str(tmp_path / "run")
-  config = local_config(data_dir, **{"debug.nan_at_step": 5, "checkpoint.every": 2,
+  # The learning rate turns NaN for the update to step 5 (a test-only schedule).
+  config = local_config(data_dir, **{"optim.schedule": "nan_from(step=5, total=20)",
+                                     "optim.warmup_frac": 0.0, "checkpoint.every": 2,
                                      "eval.every": 0, "log_every": 10})
-  with pytest.raises(metrics.NonFiniteError, match=r"loss=nan at step 5") as e:
+  with pytest.raises(metrics.NonFiniteError, match=r"=nan at step 5") as e:
     train.run(config, workdir)
   assert e.value.step == 5
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))

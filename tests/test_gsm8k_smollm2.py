@@ -339,11 +339,11 @@ def test_runlocal_pipeline_with_smollm2_then_extra_rmsnorm_warmup_is_ternary(tmp
 
   # Every stage reads the base's tokenizer; the warm-up starts from the base's params:
   # its first loss is a pretrained model's (a random init would be near ln V = 10.8).
-  base_tok = str(run / "base" / "tokenizer.json")
+  base = os.path.realpath(run / "base")  # The base stage's folder: tokenizer.json in it.
   for stage in ("warmup", "offline_fcp", "fcp_bootstrap", "rft", "grpo"):
-    assert json.loads((run / stage / "config.json").read_text())["tokenizer"] == base_tok
+    assert json.loads((run / stage / "config.json").read_text())["tokenizer"] == base
   warm = json.loads((run / "warmup" / "config.json").read_text())
-  assert warm["init_from"] == str(run / "base")
+  assert warm["init_from"] == base
   losses = [r["train/loss"] for r in metrics_lib.read_jsonl(
       str(run / "warmup" / metrics_lib.JSONL_NAME)) if "train/loss" in r]
   assert len(losses) == config.warmup.total_steps

@@ -269,3 +269,27 @@ def test_failed_feedback_is_asked_again_then_stops_the_stage():
                            r"2 retries"):
     rollout.retry_failed(stubborn, queries, stubborn.feedback(queries), where="collect")
   assert stubborn.asked["r0"] == 3
+
+
+@pytest.mark.parametrize("override", ["data.task='chain_sum(min_terms=2, max_terms=2)'",
+                                      "seed=5"])
+def test_every_stage_reads_the_prompts_of_the_shared_task(override):
+  """The online stages' prompts and the eval driver's questions are the data stage's."""
+  config = config_lib.load_config(f"{CONFIG}:runlocal")
+  config_lib.apply_overrides(config, [override])
+  seed = config_lib.shared_value(config, "data.task_seed")
+  train = tasks.TASKS.build(config.data.task, split="train", size=config.data.train_size,
+                            seed=seed)
+  held_out = tasks.TASKS.build(config.data.task, split="eval",
+                               size=config.data.eval_size, seed=seed)
+  default = tasks.TASKS.build(config_lib.load_config(f"{CONFIG}:runlocal").data.task,
+                              split="train", size=8, seed=0)
+  assert [e.question for e in train[:8]] != [e.question for e in default]
+  for stage in ("bootstrap", "grpo"):
+    on = config_lib.stage_config(config, stage).online
+    assert ([e.uid for e in bootstrap.load_prompts(on)]
+            == [e.uid for e in train[:on.task_size]]), stage
+  ev = config_lib.stage_config(config, "eval").eval
+  assert ([e.uid for e in tasks.TASKS.build(ev.task, split="eval", size=ev.size,
+                                            seed=ev.task_seed)]
+          == [e.uid for e in held_out[:ev.size]])

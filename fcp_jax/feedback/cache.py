@@ -24,15 +24,21 @@ results returned).
 
 ``make_env("critic(noise=0.1)", "workdir/feedback_cache.jsonl")`` builds a registered
 env (importing this module registers the critic and the LLM judge) and wraps it.
+
+On several processes, ``PrimaryFeedbackEnv`` lets process 0 alone ask the cached env
+and append to the cache; the other processes receive its answers.
 """
 
 import hashlib
 import json
 import os
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
+import jax
+
+from fcp_jax import distributed
 
 from fcp_jax.feedback import critic as _critic  # pylint: disable=unused-import
 from fcp_jax.feedback import llm_judge as _llm_judge  # pylint: disable=unused-import
@@ -182,3 +188,54 @@ def make_env(spec: str, cache_path: Optional[str] = None, **kwargs):
   """Builds the feedback env named by ``spec``, cached in ``cache_path`` when given."""
   env = FEEDBACK_ENVS.build(spec)
   return CachedFeedbackEnv(env, cache_path, **kwargs) if cache_path else env
+
+
+class PrimaryFeedbackEnv:
+  """A feedback env asked by process 0 only; every process gets its answers.
+
+  Process 0 asks ``cached`` (the env behind its JSONL cache), so each question is asked
+  once and one process appends to the cache; the others hold only the bare ``env``
+  (for ``config_key`` and the like) and receive the answers. An error on process 0 is
+  raised on every process. ``hits``, ``misses`` and ``failures`` are process 0's.
+  """
+
+  def __init__(self, env, make_cached):
+    self.local = make_cached(env) if distributed.is_primary() else env
+    self.hits = self.misses = self.failures = 0
+
+  def config_key(self) -> str:
+    return self.local.config_key()
+
+  def __getattr__(self, name):  # no_answer_verdicts, the wrapped env, ...
+    if name == "local":
+      raise AttributeError(name)
+    return getattr(self.local, name)
+
+  def __len__(self) -> int:
+    return len(self.local) if distributed.is_primary() else 0
+
+  def feedback(self, batch: Sequence[QueryLike]
+               ) -> List[Feedback]:
+    if jax.process_count() == 1:
+      out = self.local.feedback(batch)
+      self._count()
+      return out
+    reply: Dict[str, Any] = {}
+    if distributed.is_primary():
+      try:
+        reply["feedback"] = [fb.to_dict() for fb in self.local.feedback(batch)]
+      except Exception as e:  # pylint: disable=broad-exception-caught
+        distributed.broadcast_json(dict(error=f"{type(e).__name__}: {e}"))
+        raise
+      self._count()
+      reply["counts"] = [self.hits, self.misses, self.failures]
+    shared = distributed.broadcast_json(reply)
+    if "error" in shared:
+      raise RuntimeError(f"The feedback env failed on process 0: {shared['error']}")
+    self.hits, self.misses, self.failures = shared["counts"]
+    return [Feedback.from_dict(d) for d in shared["feedback"]]
+
+  def _count(self):
+    self.hits = getattr(self.local, "hits", 0)
+    self.misses = getattr(self.local, "misses", 0)
+    self.failures = getattr(self.local, "failures", 0)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fcp_jax import distributed
 from fcp_jax import registry
 from fcp_jax.models import transformer as transformer_lib
 
@@ -154,7 +155,7 @@ class Sampler:
     fns = self._functions(method, max_new_tokens, num_samples)
     state = fns["prefill"](params, tokens, segments, qlambda)
     state = fns["decode"](params, state, rng, qlambda)
-    out_tokens, lengths, logprobs = jax.device_get(
+    out_tokens, lengths, logprobs = distributed.fetch(
         (state["out"], state["length"], state["logprobs"]))
     text = None
     if self.tokenizer is not None:

@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 
 from fcp_jax import config_lib
+from fcp_jax import distributed
 from fcp_jax import policy as policy_lib
 from fcp_jax.data import pipeline as pipeline_lib
 from fcp_jax.data import tfds_builders
@@ -47,7 +48,6 @@ from fcp_jax.training import checkpoint as checkpoint_lib
 from fcp_jax.training import losses as losses_lib
 from fcp_jax.training import metrics as metrics_lib
 from fcp_jax.training import sharding as sharding_lib
-from fcp_jax.training import state as state_lib
 from fcp_jax.training import step as step_lib
 
 OBJECTIVES = Registry("offline objective")
@@ -111,7 +111,13 @@ def rft_null_records(data_cfg: Mapping[str, Any], split: str
 
 def make_pipeline(config: ml_collections.ConfigDict, tok, split: str, *, batch_size: int,
                   train: bool) -> pipeline_lib.Pipeline:
-  """This process's grain pipeline of ``split`` for ``config.objective``."""
+  """The grain pipeline of ``split`` for ``config.objective``: global batches.
+
+  Every process reads the same global batches (one seeded order of all the data,
+  whatever the number of processes) and feeds its own rows of each
+  (``distributed.local_rows``): the global batch, and so the run, is the same on one
+  process or many.
+  """
   data = config.data
   if not data.data_dir:
     raise ValueError("config.data.data_dir is empty: point it at the TFDS data dir "
@@ -121,10 +127,10 @@ def make_pipeline(config: ml_collections.ConfigDict, tok, split: str, *, batch_s
     raise ValueError(f"Batch size {batch_size} is not divisible by the "
                      f"{jax.process_count()} processes.")
   return pipeline_lib.Pipeline(
-      records, tok, batch_size=batch_size // jax.process_count(), max_len=data.max_len,
+      records, tok, batch_size=batch_size, max_len=data.max_len,
       condition=condition, system=data.system, pack=data.pack, overflow=data.overflow,
       shuffle=train, seed=config.seed, num_epochs=None if train else 1,
-      drop_remainder=train,
+      drop_remainder=train, shard_index=0, shard_count=1,
       num_workers=data.num_workers if train else 0)
 
 
@@ -136,7 +142,7 @@ def pad_rows(batch: Mapping[str, np.ndarray], rows: int) -> Dict[str, np.ndarray
 
 
 def _tokens_in(batch: Mapping[str, np.ndarray]) -> int:
-  return int(np.count_nonzero(batch["segment_ids"])) * jax.process_count()
+  return int(np.count_nonzero(batch["segment_ids"]))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
@@ -176,7 +182,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     for batch in eval_pipe:
       if len(eval_batches) >= config.eval.max_batches:
         break
-      eval_batches.append(pad_rows(batch, config.eval.batch_size // jax.process_count()))
+      eval_batches.append(distributed.local_rows(pad_rows(batch, config.eval.batch_size)))
     if not eval_batches:
       raise ValueError(f"Eval split {config.data.eval_split!r} is empty: "
                        f"{eval_pipe.report}. Set config.eval.every=0 to skip evaluation.")
@@ -250,7 +256,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       run_eval(start_step)
     for step in range(start_step + 1, total_steps + 1):
       batch = next(train_iter)
-      state, step_metrics = tr.train_step(state, par.put_batch(batch))
+      state, step_metrics = tr.train_step(state, par.put_batch(
+          distributed.local_rows(batch)))
       pending.add(step, step_metrics)
       progress.add_tokens(_tokens_in(batch))
       eval_due = bool(eval_batches) and step % config.eval.every == 0

@@ -40,6 +40,7 @@ import ml_collections
 import numpy as np
 
 from fcp_jax import config_lib
+from fcp_jax import distributed
 from fcp_jax import policy as policy_lib
 from fcp_jax import rollout as rollout_lib
 from fcp_jax.data import chat
@@ -149,10 +150,14 @@ def load_prompts(online_cfg) -> List[tasks_lib.Example]:
 
 
 def build_feedback_env(spec: str, workdir: str, cache_path: Optional[str] = None
-                       ) -> cache_lib.CachedFeedbackEnv:
-  """The env of ``spec`` behind its JSONL cache (``cache_path``, default in workdir)."""
-  return cache_lib.CachedFeedbackEnv(feedback_base.FEEDBACK_ENVS.build(spec),
-                                     cache_path or os.path.join(workdir, FEEDBACK_CACHE))
+                       ) -> cache_lib.PrimaryFeedbackEnv:
+  """The env of ``spec`` behind its JSONL cache (``cache_path``, default in workdir).
+
+  Process 0 asks it and appends to the cache; other processes receive its answers.
+  """
+  path = cache_path or os.path.join(workdir, FEEDBACK_CACHE)
+  return cache_lib.PrimaryFeedbackEnv(feedback_base.FEEDBACK_ENVS.build(spec),
+                                      lambda env: cache_lib.CachedFeedbackEnv(env, path))
 
 
 def _split_rows(batch: Dict[str, np.ndarray], size: int) -> List[Dict[str, np.ndarray]]:
@@ -308,7 +313,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                         int(on.max_len))
       pending = metrics_lib.PendingMetrics()
       for j, mb in enumerate(_split_rows(batch, int(on.mini_batch))):
-        state, m = train_step(state, par.put_batch(mb))
+        state, m = train_step(state, par.put_batch(distributed.local_rows(mb)))
         pending.add(j, m)
       step_metrics = metrics_lib.mean_metrics(m for _, m in pending.fetch())
       tokens = int(np.count_nonzero(batch["segment_ids"]))

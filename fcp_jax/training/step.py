@@ -86,17 +86,12 @@ def split_microbatches(batch: Mapping[str, Array], k: int,
   return out
 
 
-def _forward_terms(model, loss, params, batch, qlambda, rng,
-                   nan_at_step: Optional[int], step) -> losses_lib.LossTerms:
+def _forward_terms(model, loss, params, batch, qlambda, rng) -> losses_lib.LossTerms:
   """Model forward and the loss terms of one micro-batch."""
   inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
   logits, _ = model.apply({"params": params}, batch["tokens"], **inputs,
                           qlambda=qlambda, rngs={"dropout": rng})  # [B, T, V]
-  terms = loss(logits, batch)
-  if nan_at_step is not None:  # Test hook: poison this step's loss (and gradients).
-    poison = jnp.where(step + 1 == nan_at_step, jnp.nan, 1.0)
-    terms = terms.replace(numerator=terms.numerator * poison)
-  return terms
+  return loss(logits, batch)
 
 
 def _psum_terms(terms: losses_lib.LossTerms, axis_name: Optional[str]):
@@ -105,8 +100,7 @@ def _psum_terms(terms: losses_lib.LossTerms, axis_name: Optional[str]):
 
 def make_train_step(model, loss, optimizer: optim_lib.Optimizer, *,
                     qlambda_fn: Optional[QLambdaFn] = None, grad_accum: int = 1,
-                    axis_name: Optional[str] = None,
-                    nan_at_step: Optional[int] = None
+                    axis_name: Optional[str] = None
                     ) -> Callable[[TrainState, Mapping[str, Array]],
                                   Tuple[TrainState, Metrics]]:
   """Builds ``train_step(state, batch) -> (state, metrics)``.
@@ -118,8 +112,6 @@ def make_train_step(model, loss, optimizer: optim_lib.Optimizer, *,
     qlambda_fn: ``step -> qlambda`` (see ``make_qlambda_fn``); ``None`` for float.
     grad_accum: number of micro-batches per update.
     axis_name: the pmap axis name, or ``None`` under jit/GSPMD.
-    nan_at_step: test hook, makes the loss of update number ``nan_at_step`` NaN
-      (1-based, as logged: the update that takes ``state.step`` to ``nan_at_step``).
   """
   if grad_accum < 1:
     raise ValueError(f"grad_accum must be >= 1, got {grad_accum}.")
@@ -133,8 +125,7 @@ def make_train_step(model, loss, optimizer: optim_lib.Optimizer, *,
 
     def grad_terms(params, micro, micro_rng):
       def numerator(p):
-        terms = _forward_terms(model, loss, p, micro, qlambda, micro_rng,
-                               nan_at_step, state.step)
+        terms = _forward_terms(model, loss, p, micro, qlambda, micro_rng)
         return terms.numerator, terms
       return jax.grad(numerator, has_aux=True)(params)
 
@@ -198,7 +189,7 @@ def make_eval_step(model, loss, *, qlambda_fn: Optional[QLambdaFn] = None,
   def eval_step(params, batch, step=None):
     batch = loss.prepare(dict(batch))
     terms = _forward_terms(model, loss, params, batch, _qlambda_at(qlambda_fn, step),
-                           jax.random.PRNGKey(0), None, step)
+                           jax.random.PRNGKey(0))
     terms = _psum_terms(terms, axis_name)
     return terms if return_terms else losses_lib.finalize_metrics(terms)
 
@@ -267,7 +258,7 @@ def build_training(config: Mapping[str, Any], par: Any, *, total_steps: int) -> 
   """Builds model, optimizer, loss and the compiled steps from a run config.
 
   Reads ``config.model`` (variant + overrides), ``config.optim``, ``config.loss``,
-  ``config.quant`` (λ schedule), ``config.grad_accum`` and ``config.debug.nan_at_step``.
+  ``config.quant`` (λ schedule) and ``config.grad_accum``.
   """
   from fcp_jax.training import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from fcp_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
@@ -280,11 +271,9 @@ def build_training(config: Mapping[str, Any], par: Any, *, total_steps: int) -> 
   abstract = sharding_lib.abstract_with_shardings(
       jax.eval_shape(init_fn, jax.random.PRNGKey(0)), par.shardings(specs))
   qlambda_fn = make_qlambda_fn(model_cfg, config.get("quant"))
-  nan_at = int(config.get("debug", {}).get("nan_at_step", -1))
   train_step = par.jit_train_step(make_train_step(
       model, loss, optimizer, qlambda_fn=qlambda_fn,
-      grad_accum=int(config.get("grad_accum", 1)), axis_name=par.axis_name,
-      nan_at_step=nan_at if nan_at >= 0 else None), specs)
+      grad_accum=int(config.get("grad_accum", 1)), axis_name=par.axis_name), specs)
   eval_step = par.jit_eval_step(make_eval_step(
       model, loss, qlambda_fn=qlambda_fn, axis_name=par.axis_name, return_terms=True),
                                 specs)
