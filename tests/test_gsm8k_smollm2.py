@@ -355,7 +355,8 @@ def test_runlocal_pipeline_with_smollm2_then_extra_rmsnorm_warmup_is_ternary(tmp
   spec = f"{CONFIG}:runlocal,ternary=extra_rmsnorm,stage=warmup"
   log = _run_driver("fcp_jax.train", [
       "--config", spec, "--workdir", str(tern), f"--config.init_from={run / 'base'}",
-      f"--config.tokenizer={run / 'base'}", f"--config.data.data_dir={run / 'tfds'}"],
+      f"--config.tokenizer={run / 'base'}",
+      f"--config.data.data_dir={run / 'warmup' / 'tfds'}"],
                     env, tmp_path / "ternary.log")
   assert "absent from the checkpoint were initialised by fill_missing" in log
   tcfg = config_lib.load_config(spec)
