@@ -555,6 +555,39 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   return write_results(ex, evaluations, collected, time.perf_counter() - t_start)
 
 
+# Method -> the stages it trains through after the shared warm-up (the warm-up: itself).
+METHOD_CHAINS = {"warmup": ("warmup",), "offline_fcp": ("collect", "offline_fcp"),
+                 "fcp_bootstrap": ("collect", "offline_fcp", "fcp_bootstrap"),
+                 "rft": ("collect", "rft"), "grpo": ("grpo",)}
+
+
+def method_budgets(ex: Experiment, collected: Mapping[str, Any]) -> Dict[str, Any]:
+  """What each method consumed beyond the shared warm-up (the warm-up: its own).
+
+  Per method: generated ``samples``, optimizer ``updates``, ``loss_tokens`` and
+  ``input_tokens`` (non-padding) trained on, ``references`` (reference solutions among
+  its training rows) and wall ``seconds`` of its stages.
+  """
+  config, records = ex.config, ex.stages.records
+  samples = dict(warmup=0, offline_fcp=collected["samples"],
+                 fcp_bootstrap=collected["samples"] + online_samples(config),
+                 rft=records["rft"].get("samples", 0),
+                 grpo=grpo_rounds(config, collected) * config.grpo.online.prompts_per_step
+                 * config.grpo.online.num_samples)
+  references = dict(warmup=len(ex.train_examples), offline_fcp=collected["references"],
+                    fcp_bootstrap=collected["references"],
+                    rft=collected["references"], grpo=0)
+  out = {}
+  for method, chain in METHOD_CHAINS.items():
+    budget = dict(updates=0.0, loss_tokens=0.0, input_tokens=0.0)
+    for stage in chain:
+      for key, value in metrics_lib.training_budget(ex.stages.path(stage)).items():
+        budget[key] += value
+    out[method] = dict(budget, samples=samples[method], references=references[method],
+                       seconds=sum(records[s].get("seconds", 0.0) for s in chain))
+  return out
+
+
 def write_results(ex: Experiment, evaluations: Mapping[str, Any],
                   collected: Mapping[str, Any], seconds: float) -> Dict[str, Any]:
   """``results.json``, ``results.md`` and ``plots/`` of the workdir."""
@@ -568,7 +601,8 @@ def write_results(ex: Experiment, evaluations: Mapping[str, Any],
       budget=dict(collect=collected["samples"], fcp_online=online_samples(config),
                   fcp_total=collected["samples"] + online_samples(config),
                   rft_total=records["rft"].get("samples"),
-                  grpo_total=rounds * per_round, grpo_rounds=rounds),
+                  grpo_total=rounds * per_round, grpo_rounds=rounds,
+                  methods=method_budgets(ex, collected)),
       collect={k: v for k, v in collected.items() if k != "pool_stats"},
       eval=evaluations, checks=effect_checks(evaluations),
       stage_seconds={k: v.get("seconds") for k, v in records.items()},
@@ -632,7 +666,15 @@ def results_markdown(results: Mapping[str, Any], conditions: Sequence[str]) -> s
             f"- FCP: {b['collect']} collected + {b['fcp_online']} online = "
             f"{b['fcp_total']}",
             f"- RFT: {b['rft_total']}", f"- GRPO: {b['grpo_total']} "
-            f"({b['grpo_rounds']} rounds)", ""]
+            f"({b['grpo_rounds']} rounds)", "",
+            "## Budget per method (beyond the shared warm-up; the warm-up: its own)", "",
+            "| method | generated samples | updates | loss tokens | input tokens | "
+            "references | seconds |", "|---|---|---|---|---|---|---|"]
+  for method, m in b["methods"].items():
+    lines.append(f"| {method} | {m['samples']:,} | {m['updates']:,.0f} | "
+                 f"{m['loss_tokens']:,.0f} | {m['input_tokens']:,.0f} | "
+                 f"{m['references']:,} | {m['seconds']:.0f} |")
+  lines.append("")
   return "\n".join(lines) + "\n"
 
 

@@ -241,3 +241,48 @@ def test_updates_per_round_validates_the_mini_batch():
                                                  mini_batch=8)) == 2
   with pytest.raises(ValueError, match="mini_batch=3"):
     bootstrap.updates_per_round(_online_cfg(mini_batch=3))
+
+
+@pytest.mark.parametrize("quant", ["none", "absmean"])
+def test_one_online_update_lowers_its_own_batch_nll(quant):
+  from fcp_jax.training import losses, optim, step as step_lib  # pylint: disable=g-import-not-at-top
+  tok = tokenizer_lib.CharTokenizer()
+  ro = _rollouts(tok, C_PLUS, ["3+4=7\n#### 7", "#### 8", "3+4=8\n#### 8", "#### 7"],
+                 [_feedback(f"verdict {i}", 5, True) for i in range(4)])
+  batch = bootstrap.ONLINE_OBJECTIVES.build("fcp", _online_cfg()).batch(tok, ro, 64)
+  batch.pop("truncated")
+  model_cfg = {"variant": "tiny", "weight_quant": quant,
+               "act_quant": "none" if quant == "none" else "absmax_int8"}
+  model, cfg = state_lib.build_model(model_cfg)
+  opt = optim.make_optimizer(ml_collections.ConfigDict(dict(
+      lr=1e-3, schedule="constant", warmup_steps=0, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.0, clip_norm=1.0)), total_steps=1, model_cfg=cfg)
+  nll = losses.build("nll")
+  state = jax.jit(state_lib.make_init_fn(model, opt.tx))(jax.random.PRNGKey(0))
+  qlambda_fn = step_lib.make_qlambda_fn(cfg, {"lambda_start": 0, "lambda_ramp": 0})
+  train_step = jax.jit(step_lib.make_train_step(model, nll, opt, qlambda_fn=qlambda_fn))
+  eval_step = jax.jit(step_lib.make_eval_step(model, nll, qlambda_fn=qlambda_fn))
+  before = float(eval_step(state.params, batch)["loss"])
+  state, metrics = train_step(state, batch)
+  after = float(eval_step(state.params, batch)["loss"])
+  assert float(metrics["loss"]) == pytest.approx(before, rel=1e-5)
+  assert after < before - 1e-3, (before, after)
+  # The budget metric counts the rows' non-padding tokens.
+  assert float(metrics["input_tokens"]) == float(np.count_nonzero(batch["segment_ids"]))
+
+
+def test_grpo_kl_is_to_the_starting_policy_and_rounds_log_their_batch_nll(tmp_path):
+  cfg = _config("runlocal,stage=grpo")
+  config_lib.apply_overrides(cfg, ["loss='grpo(clip_eps=0.2, kl_coef=0.1)'",
+                                   "online.rounds=2", "optim.lr=1e-2", "plots=False"])
+  bootstrap.run(cfg, str(tmp_path / "run"))
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    rounds = [json.loads(line) for line in f]
+  # Round 1's one update starts at the reference policy: the k3 KL to it is zero; after
+  # that update the policy has moved, and round 2's KL is positive.
+  assert rounds[0]["train/kl"] < 1e-6 < rounds[1]["train/kl"]
+  on = cfg.online
+  for r in rounds:
+    assert r["train/updates"] == on.prompts_per_step * on.num_samples // on.mini_batch
+    assert r["rollout/batch_nll_before"] > 0 and r["rollout/batch_nll_after"] > 0
+    assert r["train/input_tokens"] > r["train/tokens"] > 0

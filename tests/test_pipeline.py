@@ -197,6 +197,21 @@ def test_tiny_pipeline_through_sweep_writes_every_artefact_and_resumes(tmp_path)
   assert collected["references"] == cfg.collect.references
   assert collected["triples"] == 2 * collected["mixed"] + cfg.collect.references
   assert results["budget"]["rft_total"] == results["budget"]["fcp_total"]
+  # Budget per method, beyond the shared warm-up: samples, updates, tokens, references.
+  per = results["budget"]["methods"]
+  on_updates = on.rounds * on.prompts_per_step * on.num_samples // on.mini_batch
+  assert per["warmup"]["updates"] == cfg.warmup.total_steps
+  assert per["offline_fcp"]["updates"] == cfg.offline.total_steps
+  assert per["fcp_bootstrap"]["updates"] == cfg.offline.total_steps + on_updates
+  assert per["rft"]["updates"] == cfg.rft.total_steps
+  assert per["fcp_bootstrap"]["samples"] == per["rft"]["samples"] == (
+      results["budget"]["fcp_total"])
+  assert per["grpo"]["samples"] == results["budget"]["grpo_total"]
+  assert per["offline_fcp"]["references"] == per["rft"]["references"] == (
+      cfg.collect.references) and per["grpo"]["references"] == 0
+  for method, m in per.items():
+    assert m["input_tokens"] > m["loss_tokens"] > 0 and m["seconds"] > 0, method
+  assert per["fcp_bootstrap"]["loss_tokens"] > per["offline_fcp"]["loss_tokens"]
   with open(run / "results.md") as f:
     md = f.read()
   assert "| fcp_bootstrap | pool |" in md and "## Checks" in md

@@ -90,6 +90,20 @@ def read_jsonl(path: str) -> List[dict]:
   return out
 
 
+def training_budget(workdir: str) -> Dict[str, float]:
+  """What a run's optimizer updates consumed, from its ``metrics.jsonl``.
+
+  ``updates`` (a record's ``train/updates``, else one per record), ``loss_tokens`` (the
+  tokens the loss was taken on, ``train/tokens``) and ``input_tokens`` (non-padding
+  tokens read, ``train/input_tokens``), summed over the run's train records.
+  """
+  records = [r for r in read_jsonl(os.path.join(workdir, JSONL_NAME))
+             if "train/tokens" in r]
+  return dict(updates=float(sum(r.get("train/updates", 1.0) for r in records)),
+              loss_tokens=float(sum(r["train/tokens"] for r in records)),
+              input_tokens=float(sum(r.get("train/input_tokens", 0.0) for r in records)))
+
+
 class MetricWriter:
   """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard (process 0 only).
 

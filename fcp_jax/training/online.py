@@ -19,7 +19,12 @@ One round (a "bootstrap step"):
    row's loss mask is zero (FCP) and it takes no part in its group's advantages (GRPO);
    ``feedback/failed`` counts them per round;
 5. train on the ``B * n`` rows in sequential mini-batches of ``online.mini_batch``
-   sequences, one optimizer update each (no reference model, no KL for FCP).
+   sequences, one optimizer update each (no reference model, no KL for FCP; GRPO with
+   ``kl_coef`` > 0 adds the k3 KL to the starting policy, whose log-probs are computed
+   on the round's rows). Logged per round: the NLL of the round's rows before and after
+   its updates (``rollout/batch_nll_before``, ``_after``), the share of correct rollouts
+   and the mean feedback score; ``train/tokens``, ``train/input_tokens`` and
+   ``train/updates`` are the round's sums (``metrics.training_budget``).
 
 The round state (round, prompt cursor, RNG key, pool) is stored with the model in the
 same orbax step (``Checkpointer`` extra item ``online``); every random choice is derived
@@ -234,6 +239,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       model, loss, optimizer, qlambda_fn=qlambda_fn, axis_name=par.axis_name), specs)
   sampler = sampler_lib.Sampler(model, tok, prompt_bucket=int(on.prompt_bucket))
   qlambda_jit = jax.jit(qlambda_fn)
+  # Diagnostics: the NLL of a round's rows before and after its updates.
+  nll_step = par.jit_eval_step(step_lib.make_eval_step(
+      model, losses_lib.build("nll"), qlambda_fn=qlambda_fn, axis_name=par.axis_name,
+      return_terms=True), specs)
+  # A KL penalty to the reference policy (the starting one) needs its log-probs.
+  kl_coef = float(getattr(loss, "kl_coef", 0.0) or 0.0)
+  ref_step = (par.jit_eval_step(step_lib.make_logprob_step(model, qlambda_fn=qlambda_fn),
+                                specs) if kl_coef else None)
 
   # -------------------------------------------------------------------------------------
   # Checkpoint: resume, else start from init_from.
@@ -260,6 +273,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       state = state.replace(params=checkpoint_lib.restore_params(config.init_from,
                                                                  abstract.params))
     start_round = 0
+  ref_params = None
+  if kl_coef:  # The starting policy, the same on a resumed run.
+    ref_params = (checkpoint_lib.restore_params(config.init_from, abstract.params)
+                  if config.init_from else
+                  par.create_state(init_fn, base_key, specs).params)
+
+  def put(mb):
+    return par.put_batch(distributed.local_rows(mb))
+
+  def batch_nll(params, mbs, step) -> float:
+    terms = None
+    for mb in mbs:
+      t = nll_step(params, put(mb), np.int32(step))
+      terms = t if terms is None else losses_lib.add_terms(terms, t)
+    return float(distributed.fetch(losses_lib.finalize_metrics(terms))["loss"])
+
+  def ref_logprobs(mbs, step) -> np.ndarray:
+    out = [np.asarray(distributed.fetch(ref_step(ref_params, put(mb), np.int32(step))))
+           for mb in mbs]
+    return np.concatenate([o.reshape(-1, o.shape[-1]) for o in out])  # [R, T]
 
   def online_state_at(r: int) -> Dict[str, Any]:
     _, cursor, epoch = round_prompts(len(prompts), int(on.prompts_per_step), r - 1,
@@ -311,11 +344,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                         "%d and lose their end; raise online.max_len (rollout/cut_rows "
                         "counts them each round).", r + 1, int(cut.sum()), len(cut),
                         int(on.max_len))
+      if kl_coef:
+        batch["ref_logprobs"] = ref_logprobs(
+            _split_rows(batch, int(on.mini_batch)), int(jax.device_get(state.step)))
+      mbs = _split_rows(batch, int(on.mini_batch))
+      nll_before = batch_nll(state.params, mbs, int(jax.device_get(state.step)))
       pending = metrics_lib.PendingMetrics()
-      for j, mb in enumerate(_split_rows(batch, int(on.mini_batch))):
-        state, m = train_step(state, par.put_batch(distributed.local_rows(mb)))
+      for j, mb in enumerate(mbs):
+        state, m = train_step(state, put(mb))
         pending.add(j, m)
-      step_metrics = metrics_lib.mean_metrics(m for _, m in pending.fetch())
+      per_update = [m for _, m in pending.fetch()]
+      step_metrics = metrics_lib.mean_metrics(per_update)
+      for key in ("tokens", "input_tokens"):  # Budget: sums over the round's updates.
+        step_metrics[key] = float(sum(m.get(key, 0.0) for m in per_update))
+      step_metrics["updates"] = float(len(per_update))
+      nll_after = batch_nll(state.params, mbs, int(jax.device_get(state.step)))
       tokens = int(np.count_nonzero(batch["segment_ids"]))
       progress.add_tokens(tokens)
       answered = [fb for fb in feedback if fb.ok] or feedback
@@ -327,6 +370,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           "rollout/length": float(np.mean(ro.lengths)),
           "rollout/truncated": float(np.mean(ro.lengths >= int(on.max_new_tokens))),
           "rollout/cut_rows": float(np.mean(cut)),
+          "rollout/batch_nll_before": nll_before, "rollout/batch_nll_after": nll_after,
           "feedback/failed": float(len(feedback) - int(ro.ok.sum())),
           "feedback/hits": float(env.hits), "feedback/misses": float(env.misses),
           "time/round_s": time.perf_counter() - t0,

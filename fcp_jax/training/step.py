@@ -156,6 +156,10 @@ def make_train_step(model, loss, optimizer: optim_lib.Optimizer, *,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = losses_lib.finalize_metrics(terms)
+    if "segment_ids" in batch:  # Non-padding tokens the update read (budget accounting).
+      inputs = jnp.sum(batch["segment_ids"] > 0).astype(jnp.float32)
+      metrics["input_tokens"] = (inputs if axis_name is None
+                                 else jax.lax.psum(inputs, axis_name))
     metrics.update(grad_norm=optax.tree.norm(grads),
                    param_norm=optax.tree.norm(params),
                    lr=optimizer.lr(state.step),
@@ -194,6 +198,27 @@ def make_eval_step(model, loss, *, qlambda_fn: Optional[QLambdaFn] = None,
     return terms if return_terms else losses_lib.finalize_metrics(terms)
 
   return eval_step
+
+
+def make_logprob_step(model, *, qlambda_fn: Optional[QLambdaFn] = None
+                      ) -> Callable[..., Array]:
+  """Builds ``logprob_step(params, batch, step=None) -> [B, T]`` per-token log-probs.
+
+  Entry ``t`` is ``log p(tokens[:, t] | tokens[:, :t])`` (0 at ``t = 0``): the layout of
+  a GRPO batch's ``old_logprobs`` and ``ref_logprobs``. ``step`` selects λ as in
+  ``make_eval_step``.
+  """
+  qlambda_fn = qlambda_fn or (lambda step: None)
+
+  def logprob_step(params, batch, step=None):
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    logits, _ = model.apply({"params": params}, batch["tokens"], **inputs,
+                            qlambda=_qlambda_at(qlambda_fn, step),
+                            rngs={"dropout": jax.random.PRNGKey(0)})  # [B, T, V]
+    logp = losses_lib.token_logprobs(logits, batch["tokens"])  # [B, T-1]
+    return jnp.pad(logp, ((0, 0), (1, 0)))  # [B, T]
+
+  return logprob_step
 
 
 def make_quant_probe(model, *, qlambda_fn: Optional[QLambdaFn] = None,
