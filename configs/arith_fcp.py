@@ -120,13 +120,14 @@ def get_config(arg=None):
   config.parallel = ml_collections.ConfigDict(dict(
       mode="mesh", mesh_shape=(-1, 1, 1), rules=sharding.DEFAULT_RULES,
       distributed=False, coordinator_address="", num_processes=0, process_id=-1))
-  # Prompts: train prompts feed the warm-up, the collection and the online rounds (the
-  # first ``online.task_size`` of them); eval prompts are held out (disjoint by question
-  # hash). ``task_seed=None`` follows ``seed``. ``direct_fraction`` of the warm-up
+  # Prompts (``experiment.split_prompts``): train prompts feed the warm-up, the
+  # collection and the online rounds (the first ``online.task_size`` of them);
+  # validation prompts (for tuning) and test prompts (``eval_size``, for reporting) are
+  # held out, all three disjoint by question. ``task_seed=None`` follows ``seed``. ``direct_fraction`` of the warm-up
   # references are answer-only (``#### n``); ``warmup_conditions`` of the warm-up rows
   # carry a random feedback text (``pipeline.warmup_records``).
   config.data = ml_collections.ConfigDict(dict(
-      task=TASK, train_size=8000, eval_size=200, task_seed=None,
+      task=TASK, train_size=8000, validation_size=200, eval_size=200, task_seed=None,
       instruction="none", system="", direct_fraction=0.6, warmup_conditions=0.0))
 
   # 1. SFT warm-up on reference solutions under the null condition <EF></EF>.
@@ -163,11 +164,13 @@ def get_config(arg=None):
                         prompts=64, samples=4, mini_batch=32, lr=3e-4, max_len=80,
                         max_new=48, task_size=2000)
 
-  # 5. Evaluation: greedy, held-out prompts, under each condition, two seeds (only the
-  #    draws of pool c+ and of the worst verdicts depend on the seed). ``pool`` and
-  #    ``negatives`` are paths for the standalone ``fcp_jax.evaluate``.
+  # 5. Evaluation: greedy, on the ``splits`` named (test reports; validation tunes),
+  #    under each condition, two seeds (only the draws of pool c+ and of the worst
+  #    verdicts depend on the seed). ``pool`` and ``negatives`` are paths for the
+  #    standalone ``fcp_jax.evaluate``.
   config.eval = ml_collections.ConfigDict(dict(
-      size=200, conditions=("pool", "null", "negative", "positive"), seeds=(0, 1),
+      splits=("test",), size=200, conditions=("pool", "null", "negative", "positive"),
+      seeds=(0, 1),
       negative="", positive="", max_new_tokens=48, batch_size=200, pool="",
       negatives=""))
   config.methods = ("warmup", "offline_fcp", "fcp_bootstrap", "rft", "grpo")
@@ -177,7 +180,8 @@ def get_config(arg=None):
 
   if arg.runlocal:
     # Answer-only references and random warm-up conditions on, so tests cover them.
-    config.data.update(train_size=96, eval_size=32, direct_fraction=0.25,
+    config.data.update(train_size=96, validation_size=16, eval_size=32,
+                       direct_fraction=0.25,
                        warmup_conditions=0.25)
     for name in ("warmup", "offline", "rft"):
       stage = config[name]

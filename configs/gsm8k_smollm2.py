@@ -179,7 +179,7 @@ def get_config(arg=None):
   # Prompts: all of GSM8K train (warm-up, collection, online rounds) and test (eval);
   # ``task_seed=None`` follows ``seed``.
   config.data = ml_collections.ConfigDict(dict(
-      task=TASK, train_size=train_size, eval_size=test_size,
+      task=TASK, train_size=train_size, validation_size=0, eval_size=test_size,
       task_seed=RUNLOCAL_TASK_SEED if arg.runlocal else None, instruction=instruction,
       system=system, direct_fraction=0.0, warmup_conditions=0.0))
 
@@ -220,7 +220,7 @@ def get_config(arg=None):
 
   # 5. Evaluation: greedy on GSM8K test under each condition, 4 pool seeds.
   config.eval = ml_collections.ConfigDict(dict(
-      size=test_size, conditions=("pool", "null", "negative", "positive"),
+      splits=("test",), size=test_size, conditions=("pool", "null", "negative", "positive"),
       seeds=(0, 1, 2, 3), negative="", positive="", max_new_tokens=256, batch_size=512,
       pool="", negatives=""))
   config.methods = ("warmup", "offline_fcp", "fcp_bootstrap", "rft", "grpo")

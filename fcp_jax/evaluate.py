@@ -24,6 +24,10 @@ from fcp_jax.feedback import pool as pool_lib
 def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Evaluates ``config.init_from``'s params; writes ``workdir/eval.{json,md}``."""
   ev = config.eval
+  if tuple(ev.get("splits", ("test",))) != ("test",):
+    raise ValueError(f"config.eval.splits={tuple(ev.splits)}: this driver evaluates the "
+                     "test prompts (the task's held-out split) only; the pipeline "
+                     "evaluates validation prompts, which it draws from its train split.")
   if not config.init_from:
     raise ValueError("config.init_from must name the run (or checkpoint) to evaluate.")
   policy = policy_lib.Policy(config.model, config.tokenizer, config.quant)

@@ -261,7 +261,7 @@ class Experiment:
     self.feedback_cache = os.path.join(self.stages.store, FEEDBACK_CACHE)
     self.policy: Optional[policy_lib.Policy] = None
     self.train_examples: List[tasks_lib.Example] = []
-    self.eval_examples: List[tasks_lib.Example] = []
+    self.splits: Dict[str, List[tasks_lib.Example]] = {}
 
   @property
   def system(self) -> Optional[str]:
@@ -321,29 +321,54 @@ def pretrained_base(ex: Experiment):
                                 ex.config.warmup.quant)
 
 
+SPLITS = ("train", "validation", "test")
+
+
+def split_prompts(task: str, *, train_size: int, validation_size: int, test_size: int,
+                  seed: int) -> Dict[str, List[tasks_lib.Example]]:
+  """Train, validation and test prompts of ``task``, disjoint by question.
+
+  Train is the first ``train_size`` of the task's train split and test the first
+  ``test_size`` of its held-out split (disjoint from train by the task's own rule);
+  validation is drawn from the train split after the train prompts, without any
+  question that train or test hold (so up to ``validation_size``). Train and test do
+  not depend on ``validation_size``.
+  """
+  pool = tasks_lib.TASKS.build(task, split="train", size=train_size + validation_size,
+                               seed=seed)
+  test = tasks_lib.TASKS.build(task, split="eval", size=test_size, seed=seed)
+  train = pool[:train_size]
+  seen = {e.question for e in train} | {e.question for e in test}
+  validation = []
+  for e in pool[train_size:]:
+    if e.question not in seen:
+      validation.append(e)
+      seen.add(e.question)
+  return dict(train=train, validation=validation, test=test)
+
+
 def prompts(ex: Experiment):
-  """Stage 1: the train and held-out prompts (keyed by their content)."""
+  """Stage 1: train, validation and test prompts (keyed by their content)."""
   data = ex.config.data
   task_seed = config_lib.shared_value(ex.config, "data.task_seed")
-  train = tasks_lib.TASKS.build(data.task, split="train", size=data.train_size,
-                                seed=task_seed)
-  held_out = tasks_lib.TASKS.build(data.task, split="eval", size=data.eval_size,
-                                   seed=task_seed)
-  lines = {name: [json.dumps(e.to_dict()) + "\n" for e in exs]
-           for name, exs in (("train", train), ("eval", held_out))}
-  digest = hashlib.sha256("".join(lines["train"] + ["\0"] + lines["eval"])
-                                     .encode("utf-8")).hexdigest()
+  splits = split_prompts(data.task, train_size=data.train_size,
+                         validation_size=data.validation_size, test_size=data.eval_size,
+                         seed=task_seed)
+  lines = {name: [json.dumps(e.to_dict()) + "\n" for e in splits[name]]
+           for name in SPLITS}
+  digest = hashlib.sha256("\0".join("".join(lines[name]) for name in SPLITS)
+                          .encode("utf-8")).hexdigest()
 
   def make(folder):
-    for name, text in lines.items():
-      if distributed.is_primary():
+    if distributed.is_primary():
+      for name, text in lines.items():
         with open(os.path.join(folder, f"{name}.jsonl"), "w") as f:
           f.writelines(text)
-    return dict(train=len(train), eval=len(held_out), digest=digest)
+    return dict({name: len(splits[name]) for name in SPLITS}, digest=digest)
 
   ex.stages.run("data", make, settings=dict(data=data, task_seed=task_seed),
                 inputs={"examples": digest})
-  ex.train_examples, ex.eval_examples = train, held_out
+  ex.train_examples, ex.splits = splits["train"], splits
 
 
 def warmup(ex: Experiment):
@@ -492,10 +517,26 @@ def grpo(ex: Experiment, collected: Mapping[str, Any]):
       feedback_cache=ex.feedback_cache), settings=dict(stage=cfg), inputs=("warmup",))
 
 
-def evaluate_methods(ex: Experiment) -> Dict[str, Any]:
-  """Stage 8: each method's greedy accuracy under each condition."""
+EVAL_STAGES = {"test": "eval", "validation": "validation"}  # Split -> stage folder.
+
+
+def evaluate_methods(ex: Experiment, split: str) -> Dict[str, Any]:
+  """Stage 8: each method's greedy accuracy under each condition, on ``split``.
+
+  ``test`` stages are ``eval/<method>``, ``validation`` ones ``validation/<method>``;
+  tuning reads validation only, reported numbers come from test.
+  """
+  if split not in EVAL_STAGES:
+    raise ValueError(f"config.eval.splits: unknown split {split!r}; known: "
+                     f"{sorted(EVAL_STAGES)}.")
   config, cfg = ex.config, ex.stage("eval")
   ev = cfg.eval
+  examples = ex.splits[split][:ev.size]
+  settings = config_lib.to_dict(cfg)
+  del settings["eval"]["splits"]  # Which splits run is not what one computes.
+  if not examples:
+    raise ValueError(f"config.eval.splits asks for {split!r}, which has no prompts "
+                     "(data.validation_size=0?).")
   collect_dir = ex.stages.path("collect")
   pool = pool_lib.ConditionPool.load(os.path.join(collect_dir, "pool.json"))
   negatives_path = os.path.join(collect_dir, "negatives.json")
@@ -518,7 +559,7 @@ def evaluate_methods(ex: Experiment) -> Dict[str, Any]:
     def fn(folder, stage=stage):
       results = evaluation.evaluate_policy(
           ex.policy.sampler, ex.policy.load(ex.stages.path(stage)),
-          ex.eval_examples[:ev.size], conditions=list(ev.conditions),
+          examples, conditions=list(ev.conditions),
           seeds=list(ev.seeds), pool=pool, negatives=negatives, no_answer=no_answer,
           kind=ev.kind, texts=dict(negative=ev.negative, positive=ev.positive),
           system=ex.system, instruction=ev.instruction, max_new_tokens=ev.max_new_tokens,
@@ -527,7 +568,8 @@ def evaluate_methods(ex: Experiment) -> Dict[str, Any]:
         evaluation.write_results(results, folder)
       return results
 
-    record = ex.run(f"eval/{method}", fn, settings=dict(stage=cfg),
+    record = ex.run(f"{EVAL_STAGES[split]}/{method}", fn,
+                    settings=dict(stage=settings, split=split),
                     inputs=("data", "collect", stage))
     evaluations[method] = {k: v for k, v in record.items() if k not in ("seconds", "key")}
     evaluations[method]["native"] = native
@@ -551,8 +593,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   fcp_bootstrap(ex)
   rft(ex, collected)
   grpo(ex, collected)
-  evaluations = evaluate_methods(ex)
-  return write_results(ex, evaluations, collected, time.perf_counter() - t_start)
+  by_split = {split: evaluate_methods(ex, split) for split in config.eval.splits}
+  return write_results(ex, by_split, collected, time.perf_counter() - t_start)
 
 
 # Method -> the stages it trains through after the shared warm-up (the warm-up: itself).
@@ -588,15 +630,22 @@ def method_budgets(ex: Experiment, collected: Mapping[str, Any]) -> Dict[str, An
   return out
 
 
-def write_results(ex: Experiment, evaluations: Mapping[str, Any],
+def write_results(ex: Experiment, by_split: Mapping[str, Mapping[str, Any]],
                   collected: Mapping[str, Any], seconds: float) -> Dict[str, Any]:
-  """``results.json``, ``results.md`` and ``plots/`` of the workdir."""
+  """``results.json``, ``results.md`` and ``plots/`` of the workdir.
+
+  ``eval`` holds the test split's table when it was evaluated, else the first split's;
+  ``split`` names it and ``by_split`` holds every evaluated split.
+  """
+  split = "test" if "test" in by_split else next(iter(by_split))
+  evaluations = by_split[split]
   config, workdir, records = ex.config, ex.workdir, ex.stages.records
   per_round = config.grpo.online.prompts_per_step * config.grpo.online.num_samples
   rounds = grpo_rounds(config, collected)
   conditions = list(config.eval.conditions)
   results = dict(
       workdir=workdir, seed=ex.seed, task=config.data.task, model=dict(config.model),
+      split=split, split_sizes={k: len(v) for k, v in ex.splits.items()},
       config=config_lib.to_dict(config), stage_keys=dict(ex.stages.keys),
       budget=dict(collect=collected["samples"], fcp_online=online_samples(config),
                   fcp_total=collected["samples"] + online_samples(config),
@@ -604,7 +653,7 @@ def write_results(ex: Experiment, evaluations: Mapping[str, Any],
                   grpo_total=rounds * per_round, grpo_rounds=rounds,
                   methods=method_budgets(ex, collected)),
       collect={k: v for k, v in collected.items() if k != "pool_stats"},
-      eval=evaluations, checks=effect_checks(evaluations),
+      eval=evaluations, by_split=dict(by_split), checks=effect_checks(evaluations),
       stage_seconds={k: v.get("seconds") for k, v in records.items()},
       total_seconds_this_call=seconds)
   if distributed.is_primary():
@@ -640,10 +689,13 @@ def effect_checks(evaluations: Mapping[str, Any]) -> Dict[str, Any]:
 
 def results_markdown(results: Mapping[str, Any], conditions: Sequence[str]) -> str:
   ev = results["eval"]
-  lines = [f"# FCP results ({results['task']}, seed {results['seed']})", "",
+  lines = [f"# FCP results ({results['task']}, seed {results['seed']}, "
+           f"{results['split']} split)", "",
            f"Config: `{results['workdir']}/config.json`; stage keys: "
            + ", ".join(f"{k} `{v}`" for k, v in results["stage_keys"].items()), "",
-           "Greedy accuracy (%) on held-out prompts ± binomial standard error; "
+           f"Greedy accuracy (%) on the {results['split']} split (prompts: "
+           + ", ".join(f"{k} {v}" for k, v in results["split_sizes"].items())
+           + "; `eval.size` caps those evaluated) ± binomial standard error; "
            "`native` is the condition the method was trained to be used with.", "",
            "| method | native | accuracy (native) | mean length | answered % |",
            "|---|---|---|---|---|"]

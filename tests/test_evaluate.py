@@ -215,3 +215,12 @@ def test_config_no_answer_follows_eval_feedback_and_conditions():
   assert evaluate.config_no_answer(ev).conditions == Critic(seed=0).no_answer_verdicts(ev.kind)
   ev.feedback = ""
   assert evaluate.config_no_answer(ev) is None
+
+
+def test_standalone_driver_refuses_splits_it_cannot_draw(tmp_path):
+  from fcp_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from fcp_jax import evaluate as evaluate_driver  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load_config("configs/arith_fcp.py:runlocal,stage=eval")
+  config_lib.apply_overrides(cfg, ["eval.splits=('validation',)", "init_from=/nowhere"])
+  with pytest.raises(ValueError, match=r"eval.splits=\('validation',\).*test prompts"):
+    evaluate_driver.run(cfg, str(tmp_path))

@@ -234,7 +234,8 @@ def test_tiny_pipeline_through_sweep_writes_every_artefact_and_resumes(tmp_path)
   # A changed override recomputes exactly the stages downstream of it, in a workdir of
   # its own that shares the store: the warm-up and the collection are reused.
   changed = config_lib.load_config(f"{CONFIG}:runlocal,seed=0")
-  config_lib.apply_overrides(changed, ["offline.total_steps=4"])
+  config_lib.apply_overrides(changed, ["offline.total_steps=4",
+                                      "eval.splits=('test', 'validation')"])
   other = tmp_path / "other"
   out = pipeline.run(changed, str(other), store=str(tmp_path / "stages"))
   downstream = {"offline_fcp", "fcp_bootstrap", "eval/offline_fcp", "eval/fcp_bootstrap"}
@@ -244,6 +245,12 @@ def test_tiny_pipeline_through_sweep_writes_every_artefact_and_resumes(tmp_path)
     assert same == (stage not in downstream), stage
   with open(other / "offline_fcp" / pipeline.DONE) as f:
     assert json.load(f)["step"] == 4  # The result changed with the setting.
+  # Validation stages ran beside the test ones; the table reported is test's.
+  assert out["split"] == "test" and out["eval"] == out["by_split"]["test"]
+  assert set(out["by_split"]["validation"]) == set(methods)
+  assert (out["by_split"]["validation"]["warmup"]["null"]["num_questions"]
+          == out["split_sizes"]["validation"] > 0)
+  assert all((other / "validation" / m / pipeline.DONE).exists() for m in methods)
   assert out["config"]["offline"]["total_steps"] == 4
   assert json.loads((other / "config.json").read_text())["offline"]["total_steps"] == 4
 
@@ -308,3 +315,21 @@ def test_every_stage_reads_the_prompts_of_the_shared_task(override):
   assert ([e.uid for e in tasks.TASKS.build(ev.task, split="eval", size=ev.size,
                                             seed=ev.task_seed)]
           == [e.uid for e in held_out[:ev.size]])
+
+
+def test_train_validation_and_test_prompts_are_disjoint_by_question():
+  task = config_lib.load_config(f"{CONFIG}:runlocal").data.task
+  splits = pipeline.split_prompts(task, train_size=300, validation_size=100,
+                                  test_size=100, seed=0)
+  questions = {k: [e.question for e in v] for k, v in splits.items()}
+  assert len(questions["train"]) == 300 and len(questions["test"]) == 100
+  assert 90 <= len(questions["validation"]) <= 100
+  for a, b in (("train", "validation"), ("train", "test"), ("validation", "test")):
+    assert not set(questions[a]) & set(questions[b]), (a, b)
+  assert len(set(questions["validation"])) == len(questions["validation"])
+  # Train and test do not depend on how many validation prompts are drawn.
+  none = pipeline.split_prompts(task, train_size=300, validation_size=0, test_size=100,
+                                seed=0)
+  assert [e.uid for e in none["train"]] == [e.uid for e in splits["train"]]
+  assert [e.uid for e in none["test"]] == [e.uid for e in splits["test"]]
+  assert none["validation"] == []
