@@ -31,6 +31,8 @@ total (``fcp_jax.pipeline`` derives both), so every method sees the same number 
 generated samples.
 """
 
+import itertools
+
 import ml_collections
 
 from fcp_jax import config_lib
@@ -202,8 +204,32 @@ def get_config(arg=None):
   return config_lib.pipeline_stage(config, arg.stage)
 
 
-def get_sweep(hyper=None):
-  """Seeds x quantizer (float vs ternary): a list of config args for ``sweep.py``."""
-  del hyper
-  return [f"seed={seed},ternary={ternary}" for seed in (0, 1, 2)
-          for ternary in (False, True)]
+SEEDS = (0, 1, 2)
+# Tuning families for ``experiments/sweep.py --family NAME``: every entry evaluates the
+# validation split only, and the sweep's selection table picks each method's best group.
+TUNING = {
+    "tune_grpo": {"grpo.optim.lr": (1e-5, 3e-5, 1e-4, 3e-4),
+                  "grpo.loss": ("'grpo(clip_eps=0.2)'",
+                                "'grpo(clip_eps=0.2, kl_coef=0.05)'")},
+    "tune_rft": {"rft.optim.lr": (3e-4, 1e-3), "rft.total_steps": (50, 100, 200),
+                 "rft.objective": ("'rft_null'", "'rft_null(min_score=8)'")},
+    "tune_bootstrap": {"bootstrap.optim.lr": (5e-6, 5e-5, 2e-4),
+                       "bootstrap.online.mini_batch": (128, 32)},
+}
+
+
+def get_sweep(family=None):
+  """Entries for ``experiments/sweep.py``.
+
+  ``None``: seeds x quantizer (float vs ternary), evaluated on test. A ``TUNING``
+  family: seeds x the family's grid, evaluated on validation.
+  """
+  if family is None:
+    return [f"seed={seed},ternary={ternary}" for seed in SEEDS
+            for ternary in (False, True)]
+  if family not in TUNING:
+    raise ValueError(f"Unknown sweep family {family!r}; known: {sorted(TUNING)}.")
+  keys, grids = zip(*TUNING[family].items())
+  return [dict(arg=f"seed={seed}", overrides=["eval.splits=('validation',)"] + [
+      f"{k}={v}" for k, v in zip(keys, values)])
+          for seed in SEEDS for values in itertools.product(*grids)]

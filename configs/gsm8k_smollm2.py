@@ -256,8 +256,9 @@ def get_config(arg=None):
   return config_lib.pipeline_stage(config, arg.stage)
 
 
-def get_sweep(hyper=None):
+def get_sweep(family=None):
   """Seeds x (float, extra-RMSNorm ternary): config args for ``experiments/sweep.py``."""
-  del hyper
+  if family is not None:
+    raise ValueError(f"gsm8k_smollm2 has no sweep family {family!r}; only the default.")
   return [f"seed={seed},ternary={ternary}" for seed in (0, 1, 2)
           for ternary in ("none", "extra_rmsnorm")]

@@ -333,3 +333,31 @@ def test_train_validation_and_test_prompts_are_disjoint_by_question():
   assert [e.uid for e in none["train"]] == [e.uid for e in splits["train"]]
   assert [e.uid for e in none["test"]] == [e.uid for e in splits["test"]]
   assert none["validation"] == []
+
+
+def test_sweep_selects_on_validation_only_and_tuning_entries_apply():
+  def res(acc, native_acc):
+    return {"split": "validation",
+            "eval": {"grpo": {"native": "null", "null": {"accuracy": native_acc},
+                              "pool": {"accuracy": acc}}}}
+  merged = sweep.merge({"seed=0|grpo.optim.lr=0.001": res(0.9, 0.2),
+                        "seed=1|grpo.optim.lr=0.001": res(0.9, 0.4),
+                        "seed=0|grpo.optim.lr=0.0001": res(0.1, 0.5),
+                        "seed=1|grpo.optim.lr=0.0001": res(0.1, 0.6)})
+  assert set(merged) == {"grpo.optim.lr=0.001", "grpo.optim.lr=0.0001"}
+  chosen = sweep.select(merged)["grpo"]  # By the native condition, not the best cell.
+  assert chosen["group"] == "grpo.optim.lr=0.0001" and chosen["seeds"] == 2
+  assert chosen["mean"] == pytest.approx(0.55) and chosen["groups"] == 2
+  assert "| grpo | `grpo.optim.lr=0.0001` | 55.0 ± 5.0 (n=2) | 2 |" in (
+      sweep.selection_markdown(sweep.select(merged)))
+  module = sweep._load_module(CONFIG)  # pylint: disable=protected-access
+  for family in module.TUNING:
+    entries = module.get_sweep(family)
+    assert len({sweep.entry_label(e) for e in entries}) == len(entries)
+    for entry in entries[:2]:
+      arg, overrides = sweep.entry_parts(entry)
+      config = config_lib.load_config(f"{CONFIG}:runlocal,{arg}")
+      config_lib.apply_overrides(config, overrides)
+      assert config.eval.splits == ("validation",)
+  with pytest.raises(ValueError, match="Unknown sweep family 'tune_gpro'"):
+    module.get_sweep("tune_gpro")

@@ -92,6 +92,20 @@ def test_objectives_select_records(data_dir):
     offline.OBJECTIVES.build("cft", data_cfg, "train")
 
 
+def test_rft_filtered_at_a_score_threshold(tmp_path):
+  records = triple_records(40, 0)
+  for i, r in enumerate(records):  # Correct responses with scores 5..9.
+    r.update(correct=True, score=5 + i % 5)
+  tfds_builders.build(tfds_builders.TRIPLES, {"train": records}, str(tmp_path))
+  data_cfg = {"data_dir": str(tmp_path), "name": "default"}
+  everything, _ = offline.OBJECTIVES.build("rft", data_cfg, "train")
+  high, condition = offline.OBJECTIVES.build("rft_null(min_score=8)", data_cfg, "train")
+  assert condition == "null" and len(everything) == 40 and len(high) == 16
+  assert sorted({float(r["score"]) for r in high}) == [8.0, 9.0]
+  with pytest.raises(ValueError, match="no train triple .* score >= 11"):
+    offline.OBJECTIVES.build("rft(min_score=11)", data_cfg, "train")
+
+
 def test_bad_command_lines_raise(data_dir, tmp_path):
   with pytest.raises(ValueError, match="Missing --workdir"):
     train.main(["--config", f"{CONFIG}:runlocal"])

@@ -6,7 +6,8 @@
 Objectives (``OBJECTIVES``) differ only in the data they feed the same NLL:
 
 * ``fcp``: feedback triples, trained as ``log π(response | <EF>c</EF> question)``;
-* ``rft``: the triples whose response is correct, trained without a condition;
+* ``rft``: the triples whose response is correct, trained without a condition
+  (``rft(min_score=8)``: and scored at least 8 by the feedback);
 * ``sft``: (question, reference response) pairs, without a condition;
 * ``sft_null``, ``rft_null``: as ``sft`` and ``rft`` under the null condition
   ``<EF></EF>`` (``rft_null`` is the FCP pipeline's RFT baseline);
@@ -67,13 +68,22 @@ def fcp_records(data_cfg: Mapping[str, Any], split: str) -> Tuple[Sequence[Any],
 
 
 @OBJECTIVES.register("rft")
-def rft_records(data_cfg: Mapping[str, Any], split: str) -> Tuple[Sequence[Any], str]:
-  """Only the triples whose response is correct, without a condition."""
+def rft_records(data_cfg: Mapping[str, Any], split: str, *, min_score: float = 0
+                ) -> Tuple[Sequence[Any], str]:
+  """Only the triples whose response is correct, without a condition.
+
+  ``min_score`` > 0 keeps only those the feedback scored at least that (e.g. the c+
+  pool's threshold, 8): RFT filtered as the positive conditions are.
+  """
   source = tfds_builders.load_source(tfds_builders.TRIPLES, data_cfg["data_dir"],
                                      data_cfg["name"], split)
-  kept = [r for r in source if int(r["correct"]) == 1]
-  logging.info("rft: kept %d of %d %s triples (correct only).", len(kept), len(source),
-               split)
+  kept = [r for r in source if int(r["correct"]) == 1
+          and (min_score <= 0 or float(r["score"]) >= min_score)]
+  logging.info("rft: kept %d of %d %s triples (correct%s).", len(kept), len(source),
+               split, f", score >= {min_score}" if min_score > 0 else " only")
+  if not kept:
+    raise ValueError(f"rft: no {split} triple in {data_cfg['data_dir']} is correct"
+                     + (f" with score >= {min_score}" if min_score > 0 else "") + ".")
   return kept, "none"
 
 
@@ -103,10 +113,10 @@ def warmup_records(data_cfg: Mapping[str, Any], split: str
 
 
 @OBJECTIVES.register("rft_null")
-def rft_null_records(data_cfg: Mapping[str, Any], split: str
+def rft_null_records(data_cfg: Mapping[str, Any], split: str, *, min_score: float = 0
                      ) -> Tuple[Sequence[Any], str]:
   """Correct triples under the null condition: ``<EF></EF>question -> response``."""
-  return rft_records(data_cfg, split)[0], "null"
+  return rft_records(data_cfg, split, min_score=min_score)[0], "null"
 
 
 def make_pipeline(config: ml_collections.ConfigDict, tok, split: str, *, batch_size: int,
