@@ -80,7 +80,11 @@ def test_two_process_pipeline_equals_one_process(tmp_path):
   a = json.loads((one / "results.json").read_text())
   b = json.loads((two / "results.json").read_text())
   assert a["stage_keys"] == b["stage_keys"]  # The process layout is not part of a key.
-  assert a["eval"] == b["eval"] and a["budget"] == b["budget"]
+  assert a["eval"] == b["eval"]
+  for budget in (a["budget"], b["budget"]):  # Wall seconds differ; the rest may not.
+    for method in budget["methods"].values():
+      method.pop("seconds")
+  assert a["budget"] == b["budget"]
   # The same global batches: every logged loss, reward and count agrees.
   for stage in STAGES:
     ma, mb = _metrics(one, stage), _metrics(two, stage)
