@@ -43,15 +43,6 @@ FEEDBACK = "critic(noise=0.0, seed=0)"
 KIND = "reviewer"
 
 
-def _stage(*, log_every: int = 20, checkpoint_every: int = 0
-           ) -> ml_collections.ConfigDict:
-  """Fields every training stage has besides the shared ones (``config_lib.DERIVED``)."""
-  return ml_collections.ConfigDict(dict(
-      log_every=log_every, init_from="", plots=True,
-      quant=dict(lambda_start=0, lambda_ramp=0, lambda_stagger=0),
-      checkpoint=dict(every=checkpoint_every, keep=2, async_save=False)))
-
-
 def _optim(lr: float, *, schedule: str = "cosine(end_factor=0.1)", warmup_frac=0.05,
            weight_decay=0.0, stage2_at=0.0) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
@@ -67,7 +58,8 @@ def _offline(*, objective: str, steps: int, batch: int, lr: float, max_len: int,
   With ``pack`` each of the ``batch`` rows holds as many whole sequences as fit in
   ``max_len`` (first fit). Checkpoints every fifth of the run, so a killed stage resumes.
   """
-  c = _stage(checkpoint_every=max(steps // 5, 1))
+  c = config_lib.stage_fields(log_every=20,
+                              checkpoint_every=max(steps // 5, 1), keep=2)
   c.objective = objective
   c.total_steps = steps
   c.batch_size = batch
@@ -86,7 +78,7 @@ def _online(*, objective: str, loss: str, rounds: int, prompts: int, samples: in
             mini_batch: int, lr: float, max_len: int, max_new: int, task_size: int
             ) -> ml_collections.ConfigDict:
   """A ``fcp_jax.bootstrap`` stage (the pipeline fills init_from and the pool)."""
-  c = _stage(log_every=5, checkpoint_every=5)
+  c = config_lib.stage_fields(log_every=5, checkpoint_every=5, keep=2)
   c.objective = objective
   c.loss = loss
   c.optim = _optim(lr, schedule="constant", warmup_frac=0.0)

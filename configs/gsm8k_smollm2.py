@@ -102,15 +102,6 @@ def _ternary(name: str) -> str:
   return name
 
 
-def _stage(*, log_every: int = 10, checkpoint_every: int = 0
-           ) -> ml_collections.ConfigDict:
-  """Fields every training stage has besides the shared ones (``config_lib.DERIVED``)."""
-  return ml_collections.ConfigDict(dict(
-      log_every=log_every, init_from="", plots=True,
-      quant=dict(lambda_start=0, lambda_ramp=0, lambda_stagger=0),
-      checkpoint=dict(every=checkpoint_every, keep=1, async_save=False)))
-
-
 def _optim(lr: float, *, schedule: str = "cosine(end_factor=0.1)", warmup_frac=0.1,
            weight_decay=0.0, b2=0.95) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
@@ -122,7 +113,8 @@ def _optim(lr: float, *, schedule: str = "cosine(end_factor=0.1)", warmup_frac=0
 def _offline(*, objective: str, steps: int, batch: int, lr: float, max_len: int,
              data_name: str) -> ml_collections.ConfigDict:
   """A ``fcp_jax.train`` stage (the pipeline fills data_dir and init_from)."""
-  c = _stage(checkpoint_every=max(steps // 4, 1))
+  c = config_lib.stage_fields(log_every=10,
+                              checkpoint_every=max(steps // 4, 1), keep=1)
   c.objective = objective
   c.total_steps = steps
   c.batch_size = batch
@@ -141,7 +133,7 @@ def _online(*, objective: str, loss: str, rounds: int, prompts: int, samples: in
             mini_batch: int, lr: float, max_len: int, max_new: int, task_size: int
             ) -> ml_collections.ConfigDict:
   """A ``fcp_jax.bootstrap`` stage (the pipeline fills init_from and the pool)."""
-  c = _stage(log_every=1, checkpoint_every=5)
+  c = config_lib.stage_fields(log_every=1, checkpoint_every=5, keep=1)
   c.objective = objective
   c.loss = loss
   c.optim = _optim(lr, schedule="constant", warmup_frac=0.0, weight_decay=0.01,

@@ -108,9 +108,10 @@ DERIVED = {
                "online.task_seed": "data.task_seed",
                "online.instruction": "data.instruction", "online.system": "data.system",
                "online.condition_kind": "kind", "online.feedback": "feedback"},
-    "eval": {**_COMMON, "parallel": "parallel", "eval.task": "data.task", "eval.task_seed": "data.task_seed",
-             "eval.instruction": "data.instruction", "eval.system": "data.system",
-             "eval.kind": "kind", "eval.feedback": "feedback"},
+    "eval": {**_COMMON, "parallel": "parallel", "eval.task": "data.task",
+             "eval.task_seed": "data.task_seed", "eval.instruction": "data.instruction",
+             "eval.system": "data.system", "eval.kind": "kind",
+             "eval.feedback": "feedback"},
 }
 
 
@@ -138,6 +139,17 @@ def shared_value(config: ml_collections.ConfigDict, key: str) -> Any:
   if isinstance(value, ml_collections.ConfigDict):
     return copy.deepcopy(value)
   return value
+
+
+def stage_fields(*, log_every: int, checkpoint_every: int, keep: int
+                 ) -> ml_collections.ConfigDict:
+  """The fields every training stage of a pipeline config has besides ``DERIVED`` ones:
+  logging, ``init_from`` (filled by the pipeline), plots, the λ schedule (λ = 1: the
+  warm-up ramps it) and checkpointing."""
+  return ml_collections.ConfigDict(dict(
+      log_every=log_every, init_from="", plots=True,
+      quant=dict(lambda_start=0, lambda_ramp=0, lambda_stagger=0),
+      checkpoint=dict(every=checkpoint_every, keep=keep, async_save=False)))
 
 
 def derived_from(stage_key: str) -> str | None:
@@ -209,10 +221,10 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> List[str]:
 def _parse_value(text: str, current: Any) -> Any:
   """``text`` parsed as a value of ``current``'s type; a mismatch raises ``ValueError``.
 
-  Strings take the text as is (or a quoted string literal's value); booleans take ``BOOL_SPELLINGS``; ints take integer
-  literals only (``2.5``, ``'7'`` and ``True`` raise); floats take int or float literals;
-  tuples take list or tuple literals; a field whose default is ``None`` takes any
-  literal, else the text.
+  Strings take the text as is (or a quoted string literal's value); booleans take
+  ``BOOL_SPELLINGS``; ints take integer literals only (``2.5``, ``'7'`` and ``True``
+  raise); floats take int or float literals; tuples take list or tuple literals; a
+  field whose default is ``None`` takes any literal, else the text.
   """
   if isinstance(current, str):
     quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""

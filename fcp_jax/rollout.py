@@ -4,8 +4,8 @@ The one sampling path of every stage that generates (the pipeline's collection a
 RFT share, the online rounds of FCP bootstrapping and GRPO): ``generate`` formats each
 example's question, wraps it in its condition (``chat.encode_prompt``), samples
 ``num_samples`` responses per prompt with the jitted sampler, and returns them as a
-``Rollouts`` with the env's fresh feedback on every response (asked chunk by chunk). Row ``r`` answers example
-``r // num_samples``.
+``Rollouts`` with the env's fresh feedback on every response (asked chunk by chunk).
+Row ``r`` answers example ``r // num_samples``.
 
 Random streams: with ``chunk_prompts=None`` everything is sampled in one call with
 ``rng``; otherwise the chunk that starts at example ``s`` uses ``fold_in(rng, s)``, so
