@@ -38,6 +38,7 @@ store (``feedback_cache.jsonl``), so no question is asked twice.
 """
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -271,8 +272,11 @@ class Experiment:
     """The resolved run config of pipeline section ``name``."""
     return config_lib.stage_config(self.config, name)
 
-  def env(self, folder: str):
-    return online.build_feedback_env(self.config.feedback, folder, self.feedback_cache)
+  @functools.cached_property
+  def env(self):
+    """The feedback env behind the store's one cache (loaded once per run)."""
+    return online.build_feedback_env(self.config.feedback, self.stages.store,
+                                     self.feedback_cache)
 
   def run(self, name, fn, *, settings, inputs=()):
     inputs = {k: self.stages.keys[k] for k in inputs}
@@ -288,11 +292,11 @@ class Experiment:
       return settings
     return json.loads(json.dumps(settings).replace(json.dumps(base)[1:-1], "<base>"))
 
-  def generate(self, params, examples, *, rng: int, num_samples: int, where: str,
-               folder: str) -> rollout_lib.Rollouts:
+  def generate(self, params, examples, *, rng: int, num_samples: int, where: str
+               ) -> rollout_lib.Rollouts:
     """Null-condition samples with feedback, as the collection samples them."""
     col = self.config.collect
-    env = self.env(folder)
+    env = self.env
     ro = rollout_lib.generate(
         self.policy.sampler, params, examples, [""] * len(examples), env=env,
         rng=jax.random.PRNGKey(self.seed + rng), num_samples=num_samples,
@@ -379,7 +383,7 @@ def warmup(ex: Experiment):
   def fn(folder):
     bank = []
     if data.warmup_conditions > 0:
-      bank = condition_bank(ex.env(folder), ex.train_examples[:BANK_PROMPTS],
+      bank = condition_bank(ex.env, ex.train_examples[:BANK_PROMPTS],
                             kind=config.kind, seed=ex.seed)
     records = warmup_records(ex.train_examples, instruction=data.instruction,
                              kind=config.kind, seed=ex.seed,
@@ -402,13 +406,13 @@ def collect(ex: Experiment) -> Dict[str, Any]:
   def fn(folder):
     ro = ex.generate(ex.policy.load(ex.stages.path("warmup")),
                      ex.train_examples[:col.prompts], rng=101,
-                     num_samples=col.num_samples, where="collect", folder=folder)
+                     num_samples=col.num_samples, where="collect")
     rows = _rows(ro)
     kept, stats = select_pairs(rows, col.num_samples, col.pairs, ex.seed)
     if not kept:
       raise RuntimeError(f"No prompt had mixed outcomes ({stats}); the warm-up is too "
                          "weak or too strong for this task.")
-    references = reference_rows(ex.env(folder), ex.train_examples, col.prompts,
+    references = reference_rows(ex.env, ex.train_examples, col.prompts,
                                 col.references, instruction=data.instruction, kind=kind,
                                 seed=ex.seed, direct_fraction=data.direct_fraction)
     records = [tfds_builders.triple_record(r["example"], r["question"], r["response"],
@@ -484,7 +488,7 @@ def rft(ex: Experiment, collected: Mapping[str, Any]):
     extra = ex.generate(ex.policy.load(ex.stages.path("warmup")),
                         [ex.train_examples[i % n]
                          for i in range(col.prompts, col.prompts + extra_prompts)],
-                        rng=202, num_samples=per_prompt, where="rft", folder=folder)
+                        rng=202, num_samples=per_prompt, where="rft")
     with open(os.path.join(ex.stages.path("collect"), "correct.json")) as f:
       correct = json.load(f) + _correct(_rows(extra))
     unique = list({(r["question"], r["response"]): r for r in correct}.values())
