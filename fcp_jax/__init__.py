@@ -1,5 +1,5 @@
-"""fcp_jax: Feedback-Conditional Policy training of (ternary) transformers in JAX."""
+"""fcp_jax: Feedback-Conditional Policy training of (ternary) transformers in JAX.
 
-from fcp_jax import host as _host
-
-_host.tune_malloc()  # Before JAX starts its threads; see fcp_jax/host.py.
+Importing the package has no side effects on the process; the drivers' entry point
+(``config_lib.driver_main``) applies the host malloc settings of ``fcp_jax/host.py``.
+"""

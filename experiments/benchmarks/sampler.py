@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from fcp_jax import host
 from fcp_jax.models import transformer
 from fcp_jax.sampling import sampler as sampler_lib
 from fcp_jax.training import state as state_lib
@@ -58,6 +59,7 @@ def bench_mode(mode: str, args):
 
 
 def main():
+  host.tune_malloc()  # Before the first JAX computation; see fcp_jax/host.py.
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--variant", default="small")
   parser.add_argument("--dim", type=int, default=128, help="0 keeps the variant's")

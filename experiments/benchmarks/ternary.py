@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fcp_jax import host
 from fcp_jax.models import packing
 from fcp_jax.models import transformer
 
@@ -126,6 +127,7 @@ def bench_storage_and_inference(variant: str, methods: List[str], batch: int, se
 
 
 def main() -> None:
+  host.tune_malloc()  # Before the first JAX computation; see fcp_jax/host.py.
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--variant", default="small")
   parser.add_argument("--batch", type=int, default=32)

@@ -118,6 +118,7 @@ def bench_mode(mode: str, args) -> Optional[Dict[str, float]]:
 
 
 def main():
+  host.tune_malloc()  # Before the first JAX computation; see fcp_jax/host.py.
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--variant", default="small")
   parser.add_argument("--batch", type=int, default=32)

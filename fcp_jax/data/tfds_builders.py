@@ -10,8 +10,10 @@ Two builders, each built into a caller's ``data_dir`` under a caller-chosen conf
   for the SFT warm-up).
 
 ``file_format='parquet'`` lets TFDS build and read without TensorFlow
-(``docs/stack_and_data.md``); read back with ``load_source`` (``tfds.data_source``:
+(``docs/architecture.md``); read back with ``load_source`` (``tfds.data_source``:
 random access, picklable, ready for grain). Text fields come back as UTF-8 ``bytes``.
+``build`` first fixes TFDS's parquet writer, which drops examples of splits over 100
+(``tfds_compat.py``).
 
 Input records (dicts, or JSONL lines validated with file:line errors, see ``jsonl.py``):
 
@@ -25,36 +27,18 @@ An empty response is an error, as is every other malformed record; with
 ``on_error="skip"`` such records are skipped and counted in the returned report.
 """
 
-import itertools
 import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import file_adapters as _file_adapters
 
 from fcp_jax.data import jsonl
+from fcp_jax.data import tfds_compat
 from fcp_jax.data.tasks import Example, stable_hash
 from fcp_jax.data.tokenizer import SPECIAL_TOKENS
 from fcp_jax.feedback.base import CONDITION_KINDS, Feedback
 
-
-def _batched(iterable, n: int):
-  """Correct replacement for TFDS 4.9.10 ``file_adapters._batched``.
-
-  TFDS's version calls ``islice(iterator, i, i + n)`` on a live iterator, which skips
-  ``i`` more examples per batch: a parquet split of 659 examples was written with 300
-  rows (every other chunk of 100 lost, silently). Patched at import.
-  """
-  it = iter(iterable)
-  while True:
-    batch = list(itertools.islice(it, n))
-    if not batch:
-      return
-    yield batch
-
-
-_file_adapters._batched = _batched  # pylint: disable=protected-access
 
 TRIPLES = "fcp_feedback_triples"
 SFT = "fcp_sft_pairs"
@@ -232,6 +216,7 @@ def build(dataset: str, records: Union[Records, Mapping[str, Records]], data_dir
   if os.path.exists(builder.data_dir) and not overwrite:
     raise FileExistsError(f"Dataset {builder.data_dir} exists; pass overwrite=True to "
                           "rebuild it.")
+  tfds_compat.ensure_parquet_writer()
   tfds.disable_progress_bar()
   mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if not overwrite else (
       tfds.download.GenerateMode.FORCE_REDOWNLOAD)
