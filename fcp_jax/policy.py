@@ -56,7 +56,7 @@ def check_vocab(tok, model_cfg):
 
 def write_pretrained_base(spec: str, model_config: Mapping[str, Any],
                           folder: str) -> Dict[str, Any]:
-  """Loads ``checkpoints.PRETRAINED`` model ``spec`` and writes it as a run ``folder``.
+  """Loads ``pretrained.PRETRAINED`` model ``spec`` and writes it as a run ``folder``.
 
   The params go to ``folder/checkpoints`` (``checkpoint.save_params``), read by
   ``init_from=folder``; the tokenizer (``<EF>``, ``</EF>``, ChatML tokens) to
@@ -67,11 +67,11 @@ def write_pretrained_base(spec: str, model_config: Mapping[str, Any],
   Returns:
     A record of what was written (source, sizes, added tokens, paths).
   """
-  from fcp_jax.models import checkpoints  # pylint: disable=g-import-not-at-top
+  from fcp_jax.models import pretrained  # pylint: disable=g-import-not-at-top
   model_cfg = state_lib.model_config(model_config)
-  base = checkpoints.PRETRAINED.build(spec, scan_layers=model_cfg.scan_layers,
-                                      dtype=model_cfg.param_dtype)
-  checkpoints.check_architecture(
+  base = pretrained.PRETRAINED.build(spec, scan_layers=model_cfg.scan_layers,
+                                     dtype=model_cfg.param_dtype)
+  pretrained.check_architecture(
       base.cfg, model_cfg, loaded_name=f"pretrained {spec!r} ({base.source})",
       expected_name=f"config.model (variant {model_config['variant']!r})")
   check_vocab(base.tokenizer, model_cfg)

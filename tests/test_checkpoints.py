@@ -1,4 +1,4 @@
-"""Tests for fcp_jax.models.checkpoints: Hugging Face import/export and vocabulary growth.
+"""Tests for fcp_jax.models.hf (Hugging Face import/export) and .vocab (vocabulary growth).
 
 The references are tiny random Llama / Qwen2 models written by ``transformers`` in the
 test itself (no download); their torch forward is the ground truth.
@@ -17,8 +17,9 @@ import transformers
 from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 
 from fcp_jax.data import tokenizer as tokenizer_lib
-from fcp_jax.models import checkpoints
+from fcp_jax.models import hf as hf_lib
 from fcp_jax.models import transformer as transformer_lib
+from fcp_jax.models import vocab as vocab_lib
 
 VOCAB = 96
 TOL = 1e-4
@@ -67,7 +68,7 @@ def random_params(cfg, seed: int = 0):
     return jnp.asarray(x, spec.dtype)
 
   return jax.tree_util.tree_map_with_path(
-      draw, nn.unbox(checkpoints.abstract_params(cfg)))
+      draw, nn.unbox(hf_lib.abstract_params(cfg)))
 
 
 def torch_greedy(model, ids: np.ndarray, n: int) -> np.ndarray:
@@ -114,7 +115,7 @@ IMPORT_CASES = {
 def test_import_matches_transformers(tmp_path, case, scan_layers):
   hf_model = make_hf_model(**IMPORT_CASES[case])
   hf_model.save_pretrained(tmp_path)
-  cfg, params = checkpoints.load_hf(str(tmp_path), scan_layers=scan_layers)
+  cfg, params = hf_lib.load_hf(str(tmp_path), scan_layers=scan_layers)
 
   kw = IMPORT_CASES[case]
   assert cfg.tie_embeddings == kw["tie"]
@@ -141,7 +142,7 @@ def test_import_matches_transformers(tmp_path, case, scan_layers):
 def test_greedy_generation_matches_transformers(tmp_path, case):
   hf_model = make_hf_model(**IMPORT_CASES[case])
   hf_model.save_pretrained(tmp_path)
-  cfg, params = checkpoints.load_hf(str(tmp_path))
+  cfg, params = hf_lib.load_hf(str(tmp_path))
   ids = random_ids((2, 7), seed=1)
   want = torch_greedy(hf_model, ids, 20)
   got = our_greedy(cfg, params, ids, 20)
@@ -158,7 +159,7 @@ def test_import_accepts_transformers4_rope_keys(tmp_path):
   hf["rope_theta"] = params.pop("rope_theta")
   hf["rope_scaling"] = dict(params, type=params.pop("rope_type"))
   file.write_text(json.dumps(hf))
-  cfg, _ = checkpoints.load_hf(str(tmp_path))
+  cfg, _ = hf_lib.load_hf(str(tmp_path))
   assert cfg.rope_base == 5_000.0
   assert cfg.rope_scaling == ("llama3", 4.0, 1.0, 4.0, 64)
 
@@ -166,15 +167,15 @@ def test_import_accepts_transformers4_rope_keys(tmp_path):
 def test_boxed_and_sharded_import(tmp_path):
   hf_model = make_hf_model("qwen2", tie=False)
   hf_model.save_pretrained(tmp_path)
-  cfg, _ = checkpoints.load_hf(str(tmp_path), scan_layers=True)
-  abstract = checkpoints.abstract_params(cfg)
+  cfg, _ = hf_lib.load_hf(str(tmp_path), scan_layers=True)
+  abstract = hf_lib.abstract_params(cfg)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(1, 4, 2),
                            ("data", "fsdp", "tensor"))
   rules = (("embed", "fsdp"), ("vocab", "tensor"), ("heads", "tensor"),
            ("kv_heads", "tensor"), ("mlp", "tensor"))
   shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-  cfg, params = checkpoints.load_hf(str(tmp_path), scan_layers=True, boxed=True,
-                                    shardings=shardings)
+  cfg, params = hf_lib.load_hf(str(tmp_path), scan_layers=True, boxed=True,
+                               shardings=shardings)
 
   # Same boxes and logical names as model.init.
   assert (jax.tree.structure(params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -196,7 +197,7 @@ def test_boxed_and_sharded_import(tmp_path):
 
 def test_import_dtype_bfloat16(tmp_path):
   make_hf_model("llama", tie=True).save_pretrained(tmp_path)
-  cfg, params = checkpoints.load_hf(str(tmp_path), dtype="bfloat16", remat="full")
+  cfg, params = hf_lib.load_hf(str(tmp_path), dtype="bfloat16", remat="full")
   assert cfg.param_dtype == cfg.dtype == "bfloat16" and cfg.remat == "full"
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
 
@@ -205,7 +206,7 @@ def test_import_into_ternary_config(tmp_path):
   from fcp_jax.models import ternary  # pylint: disable=g-import-not-at-top
   hf_model = make_hf_model("qwen2", tie=False)
   hf_model.save_pretrained(tmp_path)
-  cfg, params = checkpoints.load_hf(str(tmp_path), weight_quant="seq")
+  cfg, params = hf_lib.load_hf(str(tmp_path), weight_quant="seq")
   assert "w_alpha" not in params["layers_0"]["attn"]["q_proj"]  # to be filled
   model = transformer_lib.Transformer(cfg)
   ids = random_ids((1, 12))
@@ -223,9 +224,9 @@ def test_import_errors_name_the_culprit(tmp_path):
   path = str(tmp_path)
   with pytest.raises(ValueError, match=r"Tensor 'model\.layers\.0\.mlp\.(gate|up|down)"
                                        r"_proj\.weight' in .* has shape"):
-    checkpoints.load_hf(path, mlp_dim=48)
+    hf_lib.load_hf(path, mlp_dim=48)
   with pytest.raises(KeyError, match="nearest"):
-    checkpoints.load_hf(path, not_a_field=1)
+    hf_lib.load_hf(path, not_a_field=1)
 
   # A tensor missing from the file.
   from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
@@ -233,38 +234,38 @@ def test_import_errors_name_the_culprit(tmp_path):
   del tensors["model.layers.1.self_attn.v_proj.weight"]
   save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
   with pytest.raises(ValueError, match=r"lacks 1 tensors.*layers\.1\.self_attn\.v_proj"):
-    checkpoints.load_hf(path)
+    hf_lib.load_hf(path)
   # A tensor the config has no place for.
   tensors["model.layers.1.self_attn.v_proj.weight"] = np.zeros((16, 32), np.float32)
   tensors["model.layers.1.self_attn.o_proj.bias"] = np.zeros((32,), np.float32)
   save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
   with pytest.raises(ValueError, match=r"Unexpected tensor 'model\.layers\.1\.self_attn"
                                        r"\.o_proj\.bias' in .*model\.safetensors"):
-    checkpoints.load_hf(path)
+    hf_lib.load_hf(path)
 
   # Unknown family / unsupported options in config.json.
   hf = json.loads((tmp_path / "config.json").read_text())
   (tmp_path / "config.json").write_text(json.dumps(dict(hf, model_type="gpt_neox")))
   with pytest.raises(KeyError, match="llama.*qwen2"):
-    checkpoints.load_hf(path)
+    hf_lib.load_hf(path)
   (tmp_path / "config.json").write_text(json.dumps(dict(hf, attention_bias=True)))
   with pytest.raises(ValueError, match="attention_bias"):
-    checkpoints.load_hf(path)
+    hf_lib.load_hf(path)
   os.remove(tmp_path / "model.safetensors")
   with pytest.raises(FileNotFoundError, match="safetensors"):
-    checkpoints.hf_weight_files(path)
+    hf_lib.hf_weight_files(path)
   with pytest.raises(FileNotFoundError, match="config.json"):
-    checkpoints.load_hf(str(tmp_path / "nowhere"))
+    hf_lib.load_hf(str(tmp_path / "nowhere"))
 
 
 def test_parse_size():
-  assert checkpoints.parse_size("2GB") == 2 * 10**9
-  assert checkpoints.parse_size("64KiB") == 65536
-  assert checkpoints.parse_size(1234) == 1234
+  assert hf_lib.parse_size("2GB") == 2 * 10**9
+  assert hf_lib.parse_size("64KiB") == 65536
+  assert hf_lib.parse_size(1234) == 1234
   with pytest.raises(ValueError, match="Cannot parse size"):
-    checkpoints.parse_size("2 parsecs")
+    hf_lib.parse_size("2 parsecs")
   with pytest.raises(ValueError, match="positive"):
-    checkpoints.parse_size(0)
+    hf_lib.parse_size(0)
 
 
 # ------------------------------------------------------------------- export
@@ -287,7 +288,7 @@ EXPORT_CASES = {
 @pytest.mark.parametrize("case", list(EXPORT_CASES))
 def test_export_loads_in_transformers(tmp_path, case):
   cfg, params = our_random_model(**EXPORT_CASES[case])
-  files = checkpoints.save_hf(str(tmp_path), cfg, params)
+  files = hf_lib.save_hf(str(tmp_path), cfg, params)
   assert [os.path.basename(f) for f in files] == ["model.safetensors"]
   hf = json.loads((tmp_path / "config.json").read_text())
   assert hf["model_type"] == ("qwen2" if cfg.qkv_bias else "llama")
@@ -301,11 +302,11 @@ def test_export_loads_in_transformers(tmp_path, case):
 
 def test_sharded_export_round_trip(tmp_path):
   cfg, params = our_random_model(qkv_bias=True, tie=False)
-  files = checkpoints.save_hf(str(tmp_path), cfg, params, max_shard_size="12KB")
+  files = hf_lib.save_hf(str(tmp_path), cfg, params, max_shard_size="12KB")
   assert len(files) > 2
   assert all(os.path.getsize(f) < 12_000 + 2_000 for f in files)  # + header
-  index = json.loads((tmp_path / checkpoints.INDEX_FILE).read_text())
-  plan = checkpoints.hf_param_plan(cfg)
+  index = json.loads((tmp_path / hf_lib.INDEX_FILE).read_text())
+  plan = hf_lib.hf_param_plan(cfg)
   assert set(index["weight_map"]) == set(plan)
   assert sorted(set(index["weight_map"].values())) == sorted(
       os.path.basename(f) for f in files)
@@ -319,15 +320,15 @@ def test_sharded_export_round_trip(tmp_path):
   np.testing.assert_allclose(torch_logits(model, ids), our_logits(cfg, params, ids),
                              atol=TOL, rtol=0)
   # ... and so do we, bit for bit, into either layout.
-  cfg2, params2 = checkpoints.load_hf(str(tmp_path))
+  cfg2, params2 = hf_lib.load_hf(str(tmp_path))
   assert cfg2 == cfg
   jax.tree.map(np.testing.assert_array_equal, params2, params)
-  cfg3, params3 = checkpoints.load_hf(str(tmp_path), scan_layers=True)
+  cfg3, params3 = hf_lib.load_hf(str(tmp_path), scan_layers=True)
   np.testing.assert_array_equal(params3["layers"]["mlp"]["up_proj"]["kernel"][1],
                                 params["layers_1"]["mlp"]["up_proj"]["kernel"])
 
   # A later single-file save replaces the shards (no stale index shadowing it).
-  checkpoints.save_hf(str(tmp_path), cfg, params)
+  hf_lib.save_hf(str(tmp_path), cfg, params)
   assert sorted(f for f in os.listdir(tmp_path) if "safetensors" in f) == [
       "model.safetensors"]
 
@@ -336,11 +337,11 @@ def test_export_bfloat16_and_tokenizer(tmp_path):
   cfg, params = our_random_model()
   tok = tiny_hf_tokenizer(VOCAB - 2)  # + <EF>, </EF> = VOCAB ids.
   assert tok.vocab_size == VOCAB
-  checkpoints.save_hf(str(tmp_path), cfg, params, tok, dtype="bfloat16")
+  hf_lib.save_hf(str(tmp_path), cfg, params, tok, dtype="bfloat16")
   hf = json.loads((tmp_path / "config.json").read_text())
   assert hf["dtype"] == "bfloat16"
   assert hf["eos_token_id"] == tok.im_end_id and hf["pad_token_id"] == tok.pad_id
-  _, back = checkpoints.load_hf(str(tmp_path))
+  _, back = hf_lib.load_hf(str(tmp_path))
   want = np.asarray(params["layers_0"]["mlp"]["down_proj"]["kernel"])
   got = np.asarray(back["layers_0"]["mlp"]["down_proj"]["kernel"])
   np.testing.assert_array_equal(got, want.astype(jnp.bfloat16).astype(np.float32))
@@ -354,23 +355,23 @@ def test_export_bfloat16_and_tokenizer(tmp_path):
 def test_export_refuses_what_hf_cannot_hold(tmp_path):
   cfg, params = our_random_model()
   with pytest.raises(ValueError, match="strip_quant_params"):
-    checkpoints.save_hf(str(tmp_path), cfg.replace(weight_quant="absmean"), params)
+    hf_lib.save_hf(str(tmp_path), cfg.replace(weight_quant="absmean"), params)
   with pytest.raises(ValueError, match="relu2"):
-    checkpoints.save_hf(str(tmp_path), cfg.replace(mlp_activation="relu2"), params)
+    hf_lib.save_hf(str(tmp_path), cfg.replace(mlp_activation="relu2"), params)
   extra = dict(params, extra={"scale": jnp.ones(3)})
   with pytest.raises(ValueError, match=r"Without a Hugging Face counterpart: \['extra/"):
-    checkpoints.save_hf(str(tmp_path), cfg, extra)
+    hf_lib.save_hf(str(tmp_path), cfg, extra)
   with pytest.raises(ValueError, match="qwen2"):
-    checkpoints.save_hf(str(tmp_path), cfg, params, family="qwen2")
+    hf_lib.save_hf(str(tmp_path), cfg, params, family="qwen2")
 
 
 def test_qk_permutation_is_llama_cpp_layout():
   # Head of 8 dims: HF rotates (x0, x4), (x1, x5), ...; interleaved pairs are adjacent.
   w = np.arange(16).reshape(16, 1)  # 2 heads x 8 rows
-  perm = checkpoints.permute_qk(w, 2)[:, 0]
+  perm = hf_lib.permute_qk(w, 2)[:, 0]
   np.testing.assert_array_equal(perm[:8], [0, 4, 1, 5, 2, 6, 3, 7])
   np.testing.assert_array_equal(perm[8:], [8, 12, 9, 13, 10, 14, 11, 15])
-  np.testing.assert_array_equal(checkpoints.unpermute_qk(checkpoints.permute_qk(w, 2), 2),
+  np.testing.assert_array_equal(hf_lib.unpermute_qk(hf_lib.permute_qk(w, 2), 2),
                                 w)
 
 
@@ -390,12 +391,12 @@ def tiny_hf_tokenizer(size: int) -> tokenizer_lib.HFTokenizer:
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_add_condition_tokens_keeps_old_logits(tmp_path, tie):
   make_hf_model("llama", tie=tie).save_pretrained(tmp_path)
-  cfg, params = checkpoints.load_hf(str(tmp_path), boxed=not tie)
+  cfg, params = hf_lib.load_hf(str(tmp_path), boxed=not tie)
   tok = tiny_hf_tokenizer(VOCAB)
   assert tok.added_tokens == (tokenizer_lib.EF_OPEN, tokenizer_lib.EF_CLOSE)
   assert tok.vocab_size == VOCAB + 2
 
-  tok2, cfg2, params2 = checkpoints.add_condition_tokens(
+  tok2, cfg2, params2 = vocab_lib.add_condition_tokens(
       tok, cfg, params, jax.random.key(0), pad_to_multiple=64)
   assert tok2 is tok and cfg2.vocab_size == 128
   assert cfg2.replace(vocab_size=cfg.vocab_size) == cfg
@@ -429,11 +430,11 @@ def test_add_condition_tokens_adds_missing_tokens_and_reinits():
   tok = tiny_hf_tokenizer(100)  # ids 100, 101 = <EF>, </EF>: inside a padded vocab
   old = np.asarray(params["embed"]["embedding"])
 
-  _, cfg2, params2 = checkpoints.add_condition_tokens(tok, cfg, params, jax.random.key(1))
+  _, cfg2, params2 = vocab_lib.add_condition_tokens(tok, cfg, params, jax.random.key(1))
   assert cfg2.vocab_size == 128
   np.testing.assert_array_equal(params2["embed"]["embedding"], old)
 
-  tok3, _, params3 = checkpoints.add_condition_tokens(
+  tok3, _, params3 = vocab_lib.add_condition_tokens(
       tok, cfg, params, jax.random.key(1), tokens=("<EF>", "</EF>", "<X>"),
       reinit_existing=True)
   assert tok3 is not tok and tok3.token_to_id("<X>") == 102
@@ -444,8 +445,8 @@ def test_add_condition_tokens_adds_missing_tokens_and_reinits():
   np.testing.assert_array_equal(changed, [100, 101, 102])
 
   with pytest.raises(ValueError, match="CharTokenizer lacks"):
-    checkpoints.add_condition_tokens(tokenizer_lib.CharTokenizer(), cfg, params,
-                                     jax.random.key(0), tokens=("<X>",))
+    vocab_lib.add_condition_tokens(tokenizer_lib.CharTokenizer(), cfg, params,
+                                   jax.random.key(0), tokens=("<X>",))
 
 
 def test_grow_vocab_samples_existing_moments():
@@ -455,8 +456,8 @@ def test_grow_vocab_samples_existing_moments():
   table = (rs.normal(size=(old_v, d)) @ a.T + rs.normal(size=d) * 3).astype(np.float32)
   cfg = transformer_lib.get_variant("tiny", vocab_size=old_v, embed_dim=d)
   params = {"embed": {"embedding": jnp.asarray(table)}}
-  cfg2, grown = checkpoints.grow_vocab(cfg, params, jax.random.key(0),
-                                       vocab_size=old_v + new, pad_to_multiple=128)
+  cfg2, grown = vocab_lib.grow_vocab(cfg, params, jax.random.key(0),
+                                     vocab_size=old_v + new, pad_to_multiple=128)
   assert cfg2.vocab_size == -(-(old_v + new) // 128) * 128
   emb = np.asarray(grown["embed"]["embedding"])
   rows = emb[old_v:old_v + new].astype(np.float64)
@@ -467,10 +468,10 @@ def test_grow_vocab_samples_existing_moments():
   assert rel < 0.05, rel
   np.testing.assert_array_equal(emb[old_v + new:], 0.0)
   # Seeded: the same key gives the same rows, another key other rows.
-  grow = lambda seed: np.asarray(checkpoints.grow_vocab(
+  grow = lambda seed: np.asarray(vocab_lib.grow_vocab(
       cfg, params, jax.random.key(seed), vocab_size=old_v + 5)[1]["embed"]["embedding"])
   np.testing.assert_array_equal(grow(0), grow(0))
   assert not np.allclose(grow(0)[old_v:], grow(1)[old_v:])
   with pytest.raises(ValueError, match="outside the vocabulary"):
-    checkpoints.grow_vocab(cfg, params, jax.random.key(0), vocab_size=old_v,
-                           init_ids=[old_v + 3])
+    vocab_lib.grow_vocab(cfg, params, jax.random.key(0), vocab_size=old_v,
+                         init_ids=[old_v + 3])

@@ -1,4 +1,4 @@
-"""Tests for GGUF import (fcp_jax.models.checkpoints) and GGUF tokenizers (data.smollm2).
+"""Tests for GGUF import (fcp_jax.models.gguf_loader) and GGUF tokenizers (data.smollm2).
 
 Tiny GGUF files are written here with ``gguf.GGUFWriter`` in llama.cpp's layout: names
 ``token_embd`` / ``blk.N.attn_q`` / ..., Q and K rows permuted exactly as llama.cpp's
@@ -21,7 +21,8 @@ from tokenizers import pre_tokenizers
 
 from fcp_jax.data import smollm2
 from fcp_jax.data import tokenizer as tokenizer_lib
-from fcp_jax.models import checkpoints
+from fcp_jax.models import gguf_loader
+from fcp_jax.models import hf
 from fcp_jax.models import transformer as transformer_lib
 
 # ------------------------------------------------------------ tiny vocabulary
@@ -155,8 +156,8 @@ def test_gguf_equals_hf_checkpoint(tmp_path, tie):
   model.save_pretrained(tmp_path / "hf")
   path = write_llama_gguf(tmp_path / "tiny.gguf", model)
 
-  cfg_h, params_h = checkpoints.load_hf(str(tmp_path / "hf"))
-  cfg_g, params_g = checkpoints.load_gguf(path)
+  cfg_h, params_h = hf.load_hf(str(tmp_path / "hf"))
+  cfg_g, params_g = gguf_loader.load_gguf(path)
   assert abs(cfg_g.norm_eps - 1e-5) < 1e-10  # float32 in the file
   assert cfg_g == cfg_h.replace(norm_eps=cfg_g.norm_eps)
   assert cfg_g.tie_embeddings == tie and cfg_g.vocab_size == VOCAB
@@ -168,7 +169,7 @@ def test_gguf_equals_hf_checkpoint(tmp_path, tie):
   np.testing.assert_allclose(our_logits(cfg_g, params_g, ids), want, atol=1e-4, rtol=0)
 
   # Keeping llama.cpp's interleaved layout computes the same model.
-  cfg_i, params_i = checkpoints.load_gguf(path, rope_style="interleaved")
+  cfg_i, params_i = gguf_loader.load_gguf(path, rope_style="interleaved")
   assert cfg_i.rope_style == "interleaved"
   raw_q = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.1.attn_q.weight")
   np.testing.assert_array_equal(params_i["layers_1"]["attn"]["q_proj"]["kernel"],
@@ -180,7 +181,7 @@ def test_gguf_quantized_tensors_are_dequantized(tmp_path):
   model = make_hf_llama(tie=True)
   path = write_llama_gguf(tmp_path / "q8.gguf", model,
                           quantize=("blk.0.ffn_up.weight", "blk.1.attn_k.weight"))
-  cfg, params = checkpoints.load_gguf(path, scan_layers=True)
+  cfg, params = gguf_loader.load_gguf(path, scan_layers=True)
   up = model.model.layers[0].mlp.up_proj.weight.detach().numpy()           # [F, D]
   want = gguf.quants.dequantize(gguf.quants.quantize(
       up, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0)
@@ -196,13 +197,13 @@ def test_gguf_quantized_tensors_are_dequantized(tmp_path):
 def test_gguf_errors(tmp_path):
   path = write_tokenizer_gguf(tmp_path / "no_model.gguf")
   with pytest.raises(KeyError, match="llama.attention.head_count"):
-    checkpoints.config_from_gguf(path)
+    gguf_loader.config_from_gguf(path)
   w = gguf.GGUFWriter(str(tmp_path / "mamba.gguf"), "mamba")
   finish(w)
   with pytest.raises(KeyError, match="Unknown gguf architecture 'mamba'.*llama"):
-    checkpoints.config_from_gguf(str(tmp_path / "mamba.gguf"))
+    gguf_loader.config_from_gguf(str(tmp_path / "mamba.gguf"))
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    checkpoints.load_gguf(str(tmp_path / "absent.gguf"))
+    gguf_loader.load_gguf(str(tmp_path / "absent.gguf"))
 
 
 def test_gguf_tokenizer_rebuilt(tmp_path):
@@ -260,7 +261,7 @@ def test_smollm2_matches_transformers():
 
   # Model: ours (scanned, grown by <EF>/</EF> and padded to 128) vs transformers
   # running the weights its own GGUF reader dequantized and un-permuted.
-  cfg, params, tok = checkpoints.load_smollm2(scan_layers=True, pad_to_multiple=128,
+  cfg, params, tok = gguf_loader.load_smollm2(scan_layers=True, pad_to_multiple=128,
                                               path_or_reader=reader)
   assert cfg.vocab_size == 49_280 and (cfg.num_layers, cfg.embed_dim) == (30, 576)
   assert (cfg.num_heads, cfg.num_kv_heads, cfg.rope_base) == (9, 3, 100_000.0)

@@ -18,7 +18,7 @@ byte-level regex alone; ``qwen2`` is Qwen2's split regex. Control tokens (type 3
 added as special tokens, user-defined ones (type 4) as plain added tokens, so both are
 always matched whole. Our ``HFTokenizer`` then appends the project's missing specials
 (``<EF>``, ``</EF>``, a pad token if the vocabulary has none): the model's embedding must
-be grown to ``tokenizer.vocab_size`` (``fcp_jax.models.checkpoints.add_condition_tokens``).
+be grown to ``tokenizer.vocab_size`` (``fcp_jax.models.vocab.add_condition_tokens``).
 """
 
 import importlib.util

@@ -125,7 +125,7 @@ class HFTokenizer(_SpecialMixin):
 
   Special tokens the project needs and the file lacks are added at the end of the
   vocabulary (``added_tokens`` reports which), so the model's embedding must be grown
-  to ``vocab_size`` (see ``fcp_jax.models.checkpoints``).
+  to ``vocab_size`` (see ``fcp_jax.models.vocab``).
   """
 
   def __init__(self, tokenizer, pad_token: Optional[str] = None,
