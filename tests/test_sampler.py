@@ -16,6 +16,7 @@ def setup():
   return model, params, tok, sampler_lib.Sampler(model, tok, prompt_bucket=8)
 
 
+@pytest.mark.slow
 def test_greedy_left_padded_batch_equals_single_prompts(setup):
   model, params, tok, sampler = setup
   prompts = ["12+7=", "a much longer prompt here", "x"]
@@ -27,6 +28,7 @@ def test_greedy_left_padded_batch_equals_single_prompts(setup):
     assert batch.text[i] == alone.text[0]
 
 
+@pytest.mark.slow
 def test_greedy_matches_argmax_of_full_forward(setup):
   model, params, tok, sampler = setup
   prompt = tok.encode("3+4=")
@@ -57,6 +59,7 @@ def test_num_samples_gives_distinct_rows_per_prompt(setup):
   assert (out.tokens < tok.vocab_size).all()  # Padded vocab ids are never sampled.
 
 
+@pytest.mark.slow
 def test_end_token_stops_row_and_pads_after():
   cfg, model, params = testing.tiny_model(seed=0)
   # Make token 7 overwhelmingly likely so every row ends right away.

@@ -126,6 +126,7 @@ def test_schedules_two_stage_and_warmup():
     optim.make_optimizer(_optim_cfg(schedule="cosin"), total_steps=10)
 
 
+@pytest.mark.slow
 def test_weight_decay_only_on_kernels(parts):
   params = parts["init_fn"](jax.random.PRNGKey(0)).params
   mask = optim.kernels_only_mask(params)
@@ -143,6 +144,7 @@ def test_weight_decay_only_on_kernels(parts):
   assert float(jnp.abs(updates["embed"]["embedding"]).max()) == 0.0
 
 
+@pytest.mark.slow
 def test_ternary_lambda_is_fed_per_step_without_recompiling():
   ternary = pytest.importorskip("fcp_jax.models.ternary")
   model, model_cfg = state_lib.build_model(

@@ -52,6 +52,7 @@ def data_dir(tmp_path_factory):
   return build_triples(str(tmp_path_factory.mktemp("tfds")))
 
 
+@pytest.mark.slow
 def test_fcp_run_lowers_heldout_loss_and_writes_artifacts(data_dir, tmp_path):
   workdir = str(tmp_path / "run")
   config = local_config(data_dir, **{"total_steps": 30, "optim.lr": 3e-3,
