@@ -4,6 +4,8 @@ import json
 import logging
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -244,3 +246,24 @@ def test_pool_save_load_and_sample(tmp_path):
   (tmp_path / "bad.json").write_text('{"conditions": [1, 2]}')
   with pytest.raises(ValueError, match="bad.json"):
     ConditionPool.load(str(tmp_path / "bad.json"))
+
+
+def test_processes_sharing_a_cache_never_interleave_or_lose_lines(tmp_path):
+  """Two processes append to one cache at once; each record reads back whole."""
+  path = str(tmp_path / "cache.jsonl")
+  script = (
+      "import sys\n"
+      "from fcp_jax.feedback.cache import CachedFeedbackEnv\n"
+      "from fcp_jax.feedback.critic import Critic\n"
+      "from fcp_jax.data import tasks\n"
+      "env = CachedFeedbackEnv(Critic(seed=0), sys.argv[1])\n"
+      "ex = tasks.Example(uid='u', question='1+2=?', answer='3')\n"
+      "for i in range(200):\n"
+      "  if i % 20 == 0:  # Loads while the other process appends.\n"
+      "    env = CachedFeedbackEnv(Critic(seed=0), sys.argv[1])\n"
+      "  env.feedback([(ex, sys.argv[2] + str(i) + 'x' * 300)])\n")
+  procs = [subprocess.Popen([sys.executable, "-c", script, path, tag])
+           for tag in ("a", "b")]
+  assert all(p.wait(timeout=120) == 0 for p in procs)
+  env = CachedFeedbackEnv(Critic(seed=0), path)
+  assert len(env) == 400 and env.bad_lines == 0

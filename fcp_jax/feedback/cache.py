@@ -14,7 +14,9 @@ before ``feedback`` returns.
 
 Crash tolerance: a half-written last line (the process died mid-write) is dropped with a
 warning and cut from the file, so the next append starts on a clean line; a corrupt line
-elsewhere is skipped with a warning. Complete records are never lost.
+elsewhere is skipped with a warning. Complete records are never lost. Loads and appends
+hold an exclusive ``flock`` on the file, so processes sharing one cache (parallel sweep
+arms) never read another's line half-written or interleave their lines.
 
 Failed answers (``Feedback.ok`` False, e.g. an unreachable judge or an unusable reply)
 are returned but not stored unless ``cache_failures=True``, so a resumed run retries
@@ -29,6 +31,8 @@ On several processes, ``PrimaryFeedbackEnv`` lets process 0 alone ask the cached
 and append to the cache; the other processes receive its answers.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -44,6 +48,16 @@ from fcp_jax.feedback import critic as _critic  # pylint: disable=unused-import
 from fcp_jax.feedback import llm_judge as _llm_judge  # pylint: disable=unused-import
 from fcp_jax.feedback.base import (FEEDBACK_ENVS, Feedback, Query, QueryLike,
                                    as_queries)
+
+
+@contextlib.contextmanager
+def _locked(f):
+  """An exclusive ``flock`` on open file ``f`` for the block."""
+  fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+  try:
+    yield
+  finally:
+    fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class CachedFeedbackEnv:
@@ -86,8 +100,11 @@ class CachedFeedbackEnv:
   def _load(self):
     if not os.path.exists(self.path):
       return
-    with open(self.path, "rb") as f:
-      data = f.read()
+    with open(self.path, "rb") as f, _locked(f):  # No other process mid-append.
+      self._load_locked(f.read())
+    logging.info("Feedback cache %s: %d records loaded.", self.path, len(self._store))
+
+  def _load_locked(self, data: bytes):
     lines = data.split(b"\n")
     tail = lines.pop()  # Bytes after the last newline: empty unless cut mid-write.
     for i, line in enumerate(lines, start=1):
@@ -103,7 +120,6 @@ class CachedFeedbackEnv:
         logging.warning("Feedback cache %s:%d: half-written last line (%d bytes) dropped.",
                         self.path, len(lines) + 1, len(tail))
         os.truncate(self.path, len(data) - len(tail))
-    logging.info("Feedback cache %s: %d records loaded.", self.path, len(self._store))
 
   def _open_append(self):
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -111,11 +127,13 @@ class CachedFeedbackEnv:
 
   @staticmethod
   def _write(f, records: List[dict]):
-    """Appends ``records``, one JSON line each, and makes them durable (flush + fsync)."""
-    for r in records:
-      f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+    """Appends ``records``, one JSON line each, and makes them durable (flush + fsync);
+    under the file's lock, so processes sharing the cache never interleave lines."""
+    with _locked(f):
+      for r in records:
+        f.write(json.dumps(r, ensure_ascii=False) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
 
   def _append(self, records: List[dict]):
     if records:
