@@ -16,19 +16,15 @@ Args (``:variant=small,runlocal,seed=0,ternary=True,stage=``):
     ``fcp_jax.train``), ``bootstrap``, ``grpo`` (of ``fcp_jax.bootstrap``) or ``eval``
     (of ``fcp_jax.evaluate``) for one stage's config alone.
 
-Task: reasoning-gym ``chain_sum`` with 3-5 terms of 1 digit, compact questions
-(``4-9+7=?``) and compact chain-of-thought responses (``4-9=-5\\n-5+7=2\\n#### 2``,
-at most 44 characters, so 48 new tokens never truncate one); no system prompt and no
-answer instruction, to keep character sequences short. With 3-5 terms the warm-up's
-bare guesses are right only ~25% of the time, which leaves worked chains room to beat
-them (with 2-4 terms guesses were 45-66% right and the gap was fragile).
+Task: reasoning-gym ``chain_sum`` with 3-5 one-digit terms, compact questions
+(``4-9+7=?``) and compact chain-of-thought responses (``4-9=-5\\n-5+7=2\\n#### 2``).
 Feedback: the rule-based critic; conditions are its reviewer summaries.
 
-Budget: FCP uses ``collect.prompts * collect.num_samples`` samples offline plus
-``bootstrap.online.rounds * prompts_per_step * num_samples`` online; RFT collects the
-online share again from the warm-up policy and GRPO runs as many rounds as make the same
-total (``fcp_jax.pipeline`` derives both), so every method sees the same number of
-generated samples.
+Fair defaults (``docs/fcp_method.md``): every method starts from the same warm-up, gets
+the same reference rows beyond it (``collect.references``: none), the same number of
+generated samples and the same training tokens (``budget.train_tokens``; the pipeline
+derives each stage's steps, GRPO's passes per round and RFT+GRPO's split from it and
+checks each method within ±10%). Findings behind the settings: ``docs/findings.md``.
 """
 
 import itertools
@@ -57,6 +53,7 @@ def _offline(*, objective: str, steps: int, batch: int, lr: float, max_len: int,
 
   With ``pack`` each of the ``batch`` rows holds as many whole sequences as fit in
   ``max_len`` (first fit). Checkpoints every fifth of the run, so a killed stage resumes.
+  ``steps=0``: the pipeline derives them from ``budget.train_tokens``.
   """
   c = config_lib.stage_fields(log_every=20,
                               checkpoint_every=max(steps // 5, 1), keep=2)
@@ -75,7 +72,7 @@ def _offline(*, objective: str, steps: int, batch: int, lr: float, max_len: int,
 
 
 def _online(*, objective: str, loss: str, rounds: int, prompts: int, samples: int,
-            mini_batch: int, lr: float, max_len: int, max_new: int, task_size: int
+            mini_batch: int, lr, max_len: int, max_new: int, task_size: int
             ) -> ml_collections.ConfigDict:
   """A ``fcp_jax.bootstrap`` stage (the pipeline fills init_from and the pool)."""
   c = config_lib.stage_fields(log_every=5, checkpoint_every=5, keep=2)
@@ -84,8 +81,9 @@ def _online(*, objective: str, loss: str, rounds: int, prompts: int, samples: in
   c.optim = _optim(lr, schedule="constant", warmup_frac=0.0)
   c.online = ml_collections.ConfigDict(dict(
       task_size=task_size, rounds=rounds, prompts_per_step=prompts, num_samples=samples,
-      mini_batch=mini_batch, sampling="temperature(t=1.0)", max_new_tokens=max_new,
-      max_len=max_len, prompt_bucket=64, fresh_cplus_per_rollout=False, pool=""))
+      mini_batch=mini_batch, epochs=1.0, sampling="temperature(t=1.0)",
+      max_new_tokens=max_new, max_len=max_len, prompt_bucket=64,
+      fresh_cplus_per_rollout=False, pool=""))
   return c
 
 
@@ -116,10 +114,10 @@ def get_config(arg=None):
       distributed=False, coordinator_address="", num_processes=0, process_id=-1))
   # Prompts (``experiment.split_prompts``): train prompts feed the warm-up, the
   # collection and the online rounds (the first ``online.task_size`` of them);
-  # validation prompts (for tuning) and test prompts (``eval_size``, for reporting) are
-  # held out, all three disjoint by question. ``task_seed=None`` follows ``seed``. ``direct_fraction`` of the warm-up
-  # references are answer-only (``#### n``); ``warmup_conditions`` of the warm-up rows
-  # carry a random feedback text (``pipeline.warmup_records``).
+  # validation prompts (tuning) and test prompts (reporting) are held out, all three
+  # disjoint by question; ``task_seed=None`` follows ``seed``. ``direct_fraction`` of
+  # the warm-up references are answer-only (``#### n``); ``warmup_conditions`` of the
+  # warm-up rows carry a random feedback text (``experiment.warmup_records``).
   config.data = ml_collections.ConfigDict(dict(
       task=TASK, train_size=8000, validation_size=200, eval_size=200, task_seed=None,
       instruction="none", system="", direct_fraction=0.6, warmup_conditions=0.0))
@@ -135,39 +133,49 @@ def get_config(arg=None):
 
   # 2. Collect k samples per prompt from the warm-up; keep prompts with mixed outcomes
   #    (``pairs=0``: every sample of them); the warm-up's references of ``references``
-  #    further prompts join the triples; pools of c+ (correct, score >= 8) and of the
-  #    worst verdicts (wrong, score <= 2).
+  #    further prompts would join the triples (0: no method gets references beyond the
+  #    warm-up); pools of c+ (correct, score >= 8) and of the worst verdicts (wrong,
+  #    score <= 2).
   config.collect = ml_collections.ConfigDict(dict(
-      prompts=1500, num_samples=4, pairs=0, references=5000, sampling="temperature(t=1.0)",
+      prompts=1500, num_samples=4, pairs=0, references=0, sampling="temperature(t=1.0)",
       max_new_tokens=48, batch_prompts=200, eval_fraction=0.05,
       pool_min_score=8, pool_require_correct=True, negative_max_score=2))
 
   # 3. Offline FCP on the triples: log π(y | <EF>c</EF> x).
-  config.offline = _offline(objective="fcp", steps=540, batch=18, lr=1e-3,
+  config.offline = _offline(objective="fcp", steps=0, batch=18, lr=1e-3,
                             max_len=208, data_name="triples")
 
-  # 4. Online bootstrapping from offline FCP: sample under c+, train under fresh c'.
+  # 4. Online bootstrapping from offline FCP: sample under c+, train under fresh c';
+  #    partial-online: 4 mini-batch updates per round, at ``lr_factor`` x offline's lr.
   config.bootstrap = _online(objective="fcp", loss="nll(aggregation='token-mean')",
-                             rounds=8, prompts=32, samples=4, mini_batch=128, lr=5e-6,
+                             rounds=12, prompts=32, samples=4, mini_batch=32, lr=None,
                              max_len=184, max_new=48, task_size=2000)
+  config.bootstrap.lr_factor = 0.2
 
-  # Baselines from the same warm-up and the same number of generated samples.
-  config.rft = _offline(objective="rft_null", steps=100, batch=12, lr=1e-3,
+  # Baselines from the same warm-up, samples and training tokens: RFT on the correct
+  # samples, GRPO (score / 10 reward; rounds from the sample budget), and RFT+GRPO
+  # (RFT on the collection, then GRPO for the bootstrap's rounds).
+  config.rft = _offline(objective="rft_null", steps=0, batch=12, lr=1e-3,
                         max_len=128, data_name="rft")
   config.grpo = _online(objective="grpo", loss="grpo(clip_eps=0.2)", rounds=0,
                         prompts=64, samples=4, mini_batch=32, lr=3e-4, max_len=80,
                         max_new=48, task_size=2000)
+  # Training tokens (non-padding inputs) of every method beyond the warm-up; the offline
+  # and RFT stages take their steps from it (``total_steps=0``). 0: no budget, every
+  # stage's own total_steps and online.epochs.
+  config.budget = ml_collections.ConfigDict(dict(train_tokens=600_000))
 
   # 5. Evaluation: greedy, on the ``splits`` named (test reports; validation tunes),
-  #    under each condition, two seeds (only the draws of pool c+ and of the worst
-  #    verdicts depend on the seed). ``pool`` and ``negatives`` are paths for the
-  #    standalone ``fcp_jax.evaluate``.
+  #    under each condition (``evaluation.CONDITIONS``), four seeds of the condition
+  #    draws (pool c+ and the worst verdicts; fixed texts are decoded once). ``pool``
+  #    and ``negatives`` are paths for the standalone ``fcp_jax.evaluate``.
   config.eval = ml_collections.ConfigDict(dict(
-      splits=("test",), size=200, conditions=("pool", "null", "negative", "positive"),
-      seeds=(0, 1),
+      splits=("test",), size=200,
+      conditions=("pool", "null", "negative", "fixed_negative", "positive"),
+      seeds=(0, 1, 2, 3),
       negative="", positive="", max_new_tokens=48, batch_size=200, pool="",
       negatives=""))
-  config.methods = ("warmup", "offline_fcp", "fcp_bootstrap", "rft", "grpo")
+  config.methods = ("warmup", "offline_fcp", "fcp_bootstrap", "rft", "grpo", "rft_grpo")
   # What a re-run does with a finished stage whose key changed: "recompute" it (and
   # everything downstream), or "refuse" with the list of changed keys.
   config.on_change = "recompute"
@@ -179,49 +187,77 @@ def get_config(arg=None):
                        warmup_conditions=0.25)
     for name in ("warmup", "offline", "rft"):
       stage = config[name]
-      stage.update(total_steps=6, batch_size=8, log_every=3)
+      stage.update(total_steps=6 if name == "warmup" else 0, batch_size=8, log_every=3)
       stage.eval.update(every=3, batch_size=8, max_batches=1)
       stage.checkpoint.every = 3
     config.warmup.quant.lambda_ramp = 2 if arg.ternary else 0
-    config.collect.update(prompts=24, num_samples=4, pairs=1, references=8, max_new_tokens=12,
+    config.collect.update(prompts=24, num_samples=4, pairs=1, max_new_tokens=12,
                           batch_prompts=24, eval_fraction=0.2, pool_min_score=0,
                           pool_require_correct=False, negative_max_score=10)
     for name in ("bootstrap", "grpo"):
-      config[name].online.update(task_size=96, rounds=2, prompts_per_step=4,
-                                 num_samples=2, mini_batch=8, max_new_tokens=12)
+      config[name].online.update(task_size=96, prompts_per_step=4, num_samples=2,
+                                 mini_batch=8, max_new_tokens=12)
       config[name].update(log_every=1)
       config[name].checkpoint.every = 1
+    config.bootstrap.online.rounds = 2  # GRPO's rounds follow from the sample budget.
     config.eval.update(size=16, seeds=(0, 1), max_new_tokens=12, batch_size=16)
+    config.budget.train_tokens = 8000
 
   return config_lib.pipeline_stage(config, arg.stage)
 
 
 SEEDS = (0, 1, 2)
-# Tuning families for ``experiments/sweep.py --family NAME``: every entry evaluates the
-# validation split only, and the sweep's selection table picks each method's best group.
+# Tuning families (``experiments/sweep.py --family NAME``): seeds x a grid of overrides,
+# the tuned methods alone, evaluated on the validation split under their native
+# conditions; the sweep's selection table picks each method's best group by its
+# validation mean. RFT+GRPO runs the selected RFT and GRPO settings.
 TUNING = {
-    "tune_grpo": {"grpo.optim.lr": (1e-5, 3e-5, 1e-4, 3e-4),
-                  "grpo.loss": ("'grpo(clip_eps=0.2)'",
-                                "'grpo(clip_eps=0.2, kl_coef=0.05)'")},
-    "tune_rft": {"rft.optim.lr": (3e-4, 1e-3), "rft.total_steps": (50, 100, 200),
-                 "rft.objective": ("'rft_null'", "'rft_null(min_score=8)'")},
-    "tune_bootstrap": {"bootstrap.optim.lr": (5e-6, 5e-5, 2e-4),
-                       "bootstrap.online.mini_batch": (128, 32)},
+    "tune_fcp": dict(methods=("offline_fcp", "fcp_bootstrap"), grid={
+        "offline.optim.lr": (3e-4, 1e-3, 3e-3),
+        "bootstrap.lr_factor": (0.02, 0.2)}),
+    "tune_rft": dict(methods=("rft",), grid={
+        "rft.optim.lr": (3e-4, 1e-3, 3e-3),
+        "rft.objective": ("'rft_null'", "'rft_null(min_score=8)'")}),
+    "tune_grpo": dict(methods=("grpo",), grid={
+        "grpo.optim.lr": (1e-5, 3e-5, 1e-4, 3e-4),
+        "grpo.loss": ("'grpo(clip_eps=0.2)'", "'grpo(clip_eps=0.2, kl_coef=0.05)'")}),
+}
+# Reported families: seeds x arms of the default config, evaluated on the test split.
+ARMS = {
+    # Feedback that is not a clean label, and the task without its answer-only mode.
+    "arms": {"noisy_critic": ["feedback='critic(noise=0.2, seed=0)'"],
+             "user": ["kind=user"], "critique": ["kind=critique"],
+             "critique_no_numbers": [
+                 "kind=critique",
+                 "feedback='critic(noise=0.0, seed=0, critique_numbers=False)'"],
+             "no_direct": ["data.direct_fraction=0.0"]},
+    # The paper's Table 5 ablations of FCP and its bootstrap.
+    "ablations": {
+        "fresh_cplus": ["bootstrap.online.fresh_cplus_per_rollout=True"],
+        "seq_mean": ["offline.loss=nll(aggregation='seq-mean-token-sum')",
+                     "bootstrap.loss=nll(aggregation='seq-mean-token-sum')"],
+        "mini_batch_128": ["bootstrap.online.mini_batch=128"]},
 }
 
 
 def get_sweep(family=None):
   """Entries for ``experiments/sweep.py``.
 
-  ``None``: seeds x quantizer (float vs ternary), evaluated on test. A ``TUNING``
-  family: seeds x the family's grid, evaluated on validation.
+  ``None``: seeds x quantizer (float vs ternary), on test. A ``TUNING`` family: seeds x
+  its grid, on validation. An ``ARMS`` family: seeds x its arms, on test.
   """
   if family is None:
     return [f"seed={seed},ternary={ternary}" for seed in SEEDS
             for ternary in (False, True)]
+  if family in ARMS:
+    return [dict(arg=f"seed={seed}", overrides=overrides) for seed in SEEDS
+            for overrides in ARMS[family].values()]
   if family not in TUNING:
-    raise ValueError(f"Unknown sweep family {family!r}; known: {sorted(TUNING)}.")
-  keys, grids = zip(*TUNING[family].items())
-  return [dict(arg=f"seed={seed}", overrides=["eval.splits=('validation',)"] + [
+    raise ValueError(f"Unknown sweep family {family!r}; known: "
+                     f"{sorted(TUNING) + sorted(ARMS)}.")
+  keys, grids = zip(*TUNING[family]["grid"].items())
+  fixed = ["eval.splits=('validation',)", "eval.conditions=('pool', 'null')",
+           f"methods={TUNING[family]['methods']}"]
+  return [dict(arg=f"seed={seed}", overrides=fixed + [
       f"{k}={v}" for k, v in zip(keys, values)])
           for seed in SEEDS for values in itertools.product(*grids)]

@@ -140,8 +140,9 @@ def _online(*, objective: str, loss: str, rounds: int, prompts: int, samples: in
                    b2=0.999)
   c.online = ml_collections.ConfigDict(dict(
       task_size=task_size, rounds=rounds, prompts_per_step=prompts, num_samples=samples,
-      mini_batch=mini_batch, sampling="temperature(t=1.0)", max_new_tokens=max_new,
-      max_len=max_len, prompt_bucket=64, fresh_cplus_per_rollout=False, pool=""))
+      mini_batch=mini_batch, epochs=1.0, sampling="temperature(t=1.0)",
+      max_new_tokens=max_new, max_len=max_len, prompt_bucket=64,
+      fresh_cplus_per_rollout=False, pool=""))
   return c
 
 
@@ -216,6 +217,9 @@ def get_config(arg=None):
       seeds=(0, 1, 2, 3), negative="", positive="", max_new_tokens=256, batch_size=512,
       pool="", negatives=""))
   config.methods = ("warmup", "offline_fcp", "fcp_bootstrap", "rft", "grpo")
+  # No training-token budget: each stage runs its own total_steps (configs/arith_fcp.py
+  # matches them).
+  config.budget = ml_collections.ConfigDict(dict(train_tokens=0))
   config.on_change = "recompute"
 
   if arg.runlocal:

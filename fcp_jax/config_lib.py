@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable, List, Sequence
 
 import ml_collections
 
+from fcp_jax import host
+
 
 BOOL_SPELLINGS = {"true": True, "1": True, "yes": True, "false": False, "0": False,
                   "no": False}
@@ -115,6 +117,11 @@ DERIVED = {
 }
 
 
+# A stage whose ``lr_factor`` is set (and ``optim.lr`` None) trains at that factor times
+# the lr of the stage it continues from.
+RELATIVE_LR = {"bootstrap": "offline"}
+
+
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
   node = config
   for part in dotted.split("."):
@@ -173,9 +180,10 @@ def stage_config(config: ml_collections.ConfigDict, stage: str
 
   The stage's own section plus every ``DERIVED`` key copied from the shared settings
   (seed, tokenizer, model, parallelism, task, feedback env, condition kind, system
-  prompt, instruction). ``eval`` gives a ``fcp_jax.evaluate`` config; its λ schedule is
-  the warm-up's (evaluation runs the final λ). A stage section that holds a derived key
-  itself is an error naming both keys.
+  prompt, instruction); a stage with ``lr_factor`` gets its ``optim.lr`` from the
+  stage it continues from (``RELATIVE_LR``). ``eval`` gives a ``fcp_jax.evaluate``
+  config; its λ schedule is the warm-up's (evaluation runs the final λ). A stage
+  section that holds a derived key itself is an error naming both keys.
   """
   if stage not in STAGE_KINDS:
     raise ValueError(f"Unknown stage {stage!r}; known: {', '.join(STAGE_KINDS)}.")
@@ -196,6 +204,12 @@ def stage_config(config: ml_collections.ConfigDict, stage: str
     node[leaf] = shared_value(config, shared)
   if STAGE_KINDS[stage] == "offline" and not out.data.system:
     out.data.system = None
+  if out.get("lr_factor") is not None:  # lr relative to the stage it continues from.
+    base = RELATIVE_LR[stage]
+    if out.optim.lr is not None:
+      raise ValueError(f"config.{stage}.optim.lr and config.{stage}.lr_factor are both "
+                       f"set; keep one (lr_factor scales config.{base}.optim.lr).")
+    out.optim.lr = float(config[base].optim.lr) * float(out.lr_factor)
   out.lock()
   return out
 
@@ -281,7 +295,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
       node = node[p]
     try:
       value = _parse_value(text, node[leaf])
-    except ValueError as e:
+    except (ValueError, SyntaxError) as e:
       raise ValueError(f"Override {key}={text!r}: {e}") from None
     with node.ignore_type():
       node[leaf] = value
@@ -353,10 +367,13 @@ class _QuietLibraries(logging.Filter):
 def driver_main(argv: Sequence[str], run: Callable[[Any, str], Any]) -> Any:
   """The command line every driver shares: ``--config spec --workdir DIR [--config.k=v]``.
 
-  Parses and validates the flags, sets up absl logging (INFO), initialises
-  ``jax.distributed`` when ``config.parallel`` (or the environment) asks for it, before
-  any JAX call, then calls ``run(config, workdir)`` and returns its result.
+  First applies the host malloc settings (``host.tune_malloc``: before any JAX
+  computation starts XLA's threads; ``FCP_JAX_MALLOC=system`` skips them). Then parses
+  and validates the flags, sets up absl logging (INFO), initialises ``jax.distributed``
+  when ``config.parallel`` (or the environment) asks for it, before any JAX call, then
+  calls ``run(config, workdir)`` and returns its result.
   """
+  host.tune_malloc()
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   from fcp_jax.training import sharding  # pylint: disable=g-import-not-at-top

@@ -39,7 +39,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       conditions=[c for c in ev.conditions if c != "pool" or pool is not None],
       seeds=list(ev.seeds), pool=pool, negatives=negatives,
       no_answer=evaluation.config_no_answer(ev), kind=ev.kind,
-      texts=dict(negative=ev.negative, positive=ev.positive),
+      texts=evaluation.config_texts(ev),
       system=ev.system or None, instruction=ev.instruction,
       max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size, qlambda=policy.qlambda)
   if distributed.is_primary():

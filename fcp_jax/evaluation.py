@@ -12,8 +12,9 @@ registry name (``CONDITIONS``):
 * ``negative``: a fully negative condition, the mirror image of pool c+: one per question
   drawn with the seed from the worst verdicts the feedback env gave the policy's own
   collected samples (``negatives.json`` of the pipeline's collect stage: score ≤ 2 and
-  wrong; ``eval.negatives`` for this driver); the fixed ``eval.negative`` text when
-  given, or ``NEGATIVE[kind]`` without a pool;
+  wrong; ``eval.negatives`` for the evaluate driver); ``NEGATIVE[kind]`` without a pool;
+* ``fixed_negative``: the paper's protocol, one fixed fully negative text for every
+  question (``eval.negative``, or ``NEGATIVE[kind]``);
 * ``no_answer``: one per question drawn with the seed from every verdict the env writes
   for a response with no final answer (``eval.feedback``; for the critic 144 reviewer
   texts, score 0). The policy's samples almost never earn them, so this measures how
@@ -86,15 +87,23 @@ def no_conditions(n: int, **unused) -> List[Optional[str]]:
 
 
 @CONDITIONS.register("negative")
-def negative_conditions(n: int, *, kind: str, seed: int = 0, text: str = "",
+def negative_conditions(n: int, *, kind: str, seed: int = 0,
                         negatives: Optional[pool_lib.ConditionPool] = None, **unused
                         ) -> List[Optional[str]]:
-  """``text`` if given, else one of the worst verdicts (``negatives``) per question."""
+  """One of the worst verdicts (``negatives``) per question, else ``NEGATIVE[kind]``."""
   del unused
-  if text or negatives is None:
-    return [text or NEGATIVE[kind]] * n
+  if negatives is None:
+    return [NEGATIVE[kind]] * n
   rng = np.random.default_rng([seed, 11])
   return [negatives.sample(rng) for _ in range(n)]
+
+
+@CONDITIONS.register("fixed_negative")
+def fixed_negative_conditions(n: int, *, kind: str, text: str = "", **unused
+                              ) -> List[Optional[str]]:
+  """The same fully negative text for every question (``text`` or ``NEGATIVE[kind]``)."""
+  del unused
+  return [text or NEGATIVE[kind]] * n
 
 
 @CONDITIONS.register("no_answer")
@@ -122,6 +131,11 @@ def no_answer_pool(env: Any, kind: str) -> Optional[pool_lib.ConditionPool]:
   texts = feedback_base.no_answer_texts(env, kind)
   return pool_lib.ConditionPool(texts, kind=kind, settings=dict(
       source="no_answer_verdicts", env=env.config_key())) if texts else None
+
+
+def config_texts(ev: ml_collections.ConfigDict) -> Dict[str, str]:
+  """The fixed condition texts an eval config sets (empty: the ``kind``'s default)."""
+  return dict(fixed_negative=ev.negative, positive=ev.positive)
 
 
 def config_no_answer(ev: ml_collections.ConfigDict) -> Optional[pool_lib.ConditionPool]:
@@ -174,8 +188,7 @@ def evaluate_policy(sampler: sampler_lib.Sampler, params: Any,
   """
   tok = sampler.tokenizer
   texts = dict(texts or {})
-  seeded = {"pool", "no_answer"} | (
-      {"negative"} if negatives and not texts.get("negative") else set())
+  seeded = {"pool", "no_answer"} | ({"negative"} if negatives else set())
   questions = [tasks_lib.format_question(e, instruction) for e in examples]
   results = {}
   for name in conditions:

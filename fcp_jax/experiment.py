@@ -6,10 +6,10 @@ shared settings (``config_lib.stage_config``) and each stage is keyed by what it
 consumed (``fcp_jax.stages``): a re-run skips what is done, recomputes exactly what a
 changed setting reaches, and ``<workdir>/<stage>`` links to the stage's folder.
 
-0. ``base`` (only with ``config.pretrained``, a ``checkpoints.PRETRAINED`` spec such
+0. ``base`` (only with ``config.pretrained``, a ``pretrained.PRETRAINED`` spec such
    as ``"smollm2(pad_to_multiple=128)"``): the pretrained params as a checkpoint and its
    tokenizer; the warm-up starts from it and every stage uses that tokenizer;
-1. ``data``: train and held-out eval prompts of ``config.data.task``;
+1. ``data``: train, validation and test prompts of ``config.data.task``;
 2. ``warmup``: SFT on reference solutions under the null condition ``<EF></EF>``
    (``data.direct_fraction`` of them answer-only; ``data.warmup_conditions`` of the rows
    under a feedback text drawn at random from ``condition_bank``, independent of the
@@ -29,7 +29,17 @@ changed setting reaches, and ``<workdir>/<stage>`` links to the stage's folder.
    condition) of the collection plus an equal-budget second collection;
 7. ``grpo``: baseline, GRPO from the warm-up with the score/10 reward for as many
    rounds as make the same number of generated samples as FCP used;
-8. ``eval/<method>``: greedy accuracy under each condition (``fcp_jax.evaluation``).
+8. ``rft_collect`` then ``rft_grpo``: baseline RFT+GRPO, FCP's two phases with scalar
+   rewards (RFT on the collection's correct samples, GRPO for the bootstrap's rounds);
+9. ``eval/<method>`` (test) and ``validation/<method>``: greedy accuracy under each
+   condition (``fcp_jax.evaluation``).
+
+A training stage runs only when a method of ``config.methods`` needs it
+(``METHOD_CHAINS``). ``budget.train_tokens`` gives every method the same training
+tokens beyond the warm-up: each stage's share and its steps (or GRPO's updates per
+round) are derived from it (``token_targets``) and ``budget_checks`` holds each method
+to ±10% of it; every method also gets the same generated samples and the same
+reference rows (``collect.references``: FCP and RFT read them, so with GRPO it must be 0).
 
 Finally ``results.json``, ``results.md`` and ``plots/`` (accuracy per method, accuracy
 by condition, training curves) are written in the workdir, with the stage keys that
@@ -57,6 +67,7 @@ from fcp_jax import evaluation
 from fcp_jax import policy as policy_lib
 from fcp_jax import rollout as rollout_lib
 from fcp_jax import stages as stages_lib
+from fcp_jax.data import pipeline as pipeline_lib
 from fcp_jax.data import tasks as tasks_lib
 from fcp_jax.data import tfds_builders
 from fcp_jax.data import tokenizer as tokenizer_lib
@@ -72,7 +83,16 @@ FEEDBACK_CACHE = "feedback_cache.jsonl"
 # Method -> (stage folder holding its final params, condition it is meant to be used with).
 METHOD_STAGES = {"warmup": ("warmup", "null"), "offline_fcp": ("offline_fcp", "pool"),
                  "fcp_bootstrap": ("fcp_bootstrap", "pool"), "rft": ("rft", "null"),
-                 "grpo": ("grpo", "null")}
+                 "grpo": ("grpo", "null"), "rft_grpo": ("rft_grpo", "null")}
+# Method -> the stages it trains through after the shared warm-up (the warm-up: itself).
+METHOD_CHAINS = {"warmup": ("warmup",), "offline_fcp": ("collect", "offline_fcp"),
+                 "fcp_bootstrap": ("collect", "offline_fcp", "fcp_bootstrap"),
+                 "rft": ("collect", "rft"), "grpo": ("grpo",),
+                 "rft_grpo": ("collect", "rft_collect", "rft_grpo")}
+# Methods whose training tokens beyond the warm-up ``budget.train_tokens`` sets
+# (``token_targets``); offline FCP is the first part of FCP+bootstrap.
+MATCHED_METHODS = ("fcp_bootstrap", "rft", "grpo", "rft_grpo")
+BUDGET_TOLERANCE = 0.1  # A matched method's tokens may differ from the budget by 10%.
 
 
 # ---------------------------------------------------------------------------------------
@@ -238,10 +258,17 @@ def build_dataset(dataset: str, splits: Mapping[str, List[Dict[str, Any]]], data
 
 def split_records(records: List[Dict[str, Any]], eval_fraction: float, seed: int
                   ) -> Dict[str, List[Dict[str, Any]]]:
-  """Seeded train/eval split of dataset records (the eval split has at least one)."""
+  """Seeded train/eval split of dataset records.
+
+  Each split has at least one record; a single record is in both (tiny runs only).
+  """
+  if not records:
+    raise ValueError("split_records: no records to split.")
   order = np.random.default_rng([seed, 5]).permutation(len(records))
-  n_eval = max(1, int(round(eval_fraction * len(records))))
-  return {"train": [records[i] for i in order[n_eval:]],
+  n_eval = min(max(1, int(round(eval_fraction * len(records)))),
+               max(len(records) - 1, 1))
+  train = order[n_eval:] if len(records) > 1 else order
+  return {"train": [records[i] for i in train],
           "eval": [records[i] for i in order[:n_eval]]}
 
 
@@ -263,6 +290,7 @@ class Experiment:
     self.policy: Optional[policy_lib.Policy] = None
     self.train_examples: List[tasks_lib.Example] = []
     self.splits: Dict[str, List[tasks_lib.Example]] = {}
+    self.collected: Dict[str, Any] = {}  # The collect stage's record.
 
   @property
   def system(self) -> Optional[str]:
@@ -271,6 +299,20 @@ class Experiment:
   def stage(self, name: str) -> ml_collections.ConfigDict:
     """The resolved run config of pipeline section ``name``."""
     return config_lib.stage_config(self.config, name)
+
+  @functools.cached_property
+  def sample_tokens(self) -> Dict[str, float]:
+    """Mean input tokens of a collected triple as a training row, under its feedback
+    (``record``: FCP's rows) and under the null condition (``null``: RFT's, GRPO's)."""
+    records = tfds_builders.load_source(
+        tfds_builders.TRIPLES, os.path.join(self.stages.path("collect"), TFDS_DIR),
+        self.config.offline.data.name, "train")
+    out = {}
+    for mode in ("record", "null"):
+      tokenize = pipeline_lib.Tokenize(self.policy.tok, condition=mode,
+                                       system=self.system, max_len=0)
+      out[mode] = float(np.mean([len(tokenize.encode(r)[0]) for r in records]))
+    return out
 
   @functools.cached_property
   def env(self):
@@ -440,9 +482,10 @@ def collect(ex: Experiment) -> Dict[str, Any]:
                 pool_stats=pool.stats, sample_accuracy=float(np.mean(
                     [fb.correct for fb in feedback])))
 
-  return ex.run("collect", fn, inputs=("data", "warmup"), settings=dict(
+  ex.collected = ex.run("collect", fn, inputs=("data", "warmup"), settings=dict(
       collect=col, data=data, kind=kind, feedback=config.feedback, seed=ex.seed,
       model=config.model, tokenizer=config.tokenizer, quant=config.warmup.quant))
+  return ex.collected
 
 
 def _correct(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
@@ -451,19 +494,66 @@ def _correct(rows: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
           if r["feedback"].correct and is_plain(r["response"])]
 
 
-def offline_fcp(ex: Experiment):
-  """Stage 4: offline FCP from the warm-up on the collected triples."""
-  cfg = ex.stage("offline")
-  ex.run("offline_fcp", lambda folder: offline.run(_with(cfg, **{
-      "data.data_dir": os.path.join(ex.stages.path("collect"), TFDS_DIR),
-      "init_from": ex.stages.path("warmup")}), folder),
-      settings=dict(stage=cfg), inputs=("warmup", "collect"))
+def with_token_steps(cfg: ml_collections.ConfigDict, tokens: float
+                     ) -> ml_collections.ConfigDict:
+  """An offline stage's ``cfg`` with as many steps as consume ``tokens`` (0: as set).
+
+  Under a budget the stage's ``total_steps`` is 0 (``check_budget``); it checkpoints
+  every fifth of its derived steps and evaluates at half and end.
+  """
+  if not tokens:
+    return cfg
+  steps = offline.steps_for_tokens(cfg, tokens)
+  logging.info("Token budget %s: %d steps.", f"{tokens:,.0f}", steps)
+  return _with(cfg, total_steps=steps, **{"checkpoint.every": max(steps // 5, 1),
+                                          "eval.every": max(steps // 2, 1)})
 
 
 def online_samples(config: ml_collections.ConfigDict) -> int:
   """Samples FCP generates online: rounds x prompts per round x samples per prompt."""
   boot = config.bootstrap.online
   return boot.rounds * boot.prompts_per_step * boot.num_samples
+
+
+def token_targets(ex: Experiment) -> Dict[str, float]:
+  """Input tokens each training stage gets under ``budget.train_tokens`` ({} if 0).
+
+  Every method of ``MATCHED_METHODS`` trains on the budget in all:
+  * FCP+bootstrap: offline FCP gets the budget less the bootstrap's rows (its online
+    samples x ``online.epochs`` x the mean collected row under its feedback);
+  * RFT: its one offline stage;
+  * GRPO: its online rounds (``online.train_tokens``: updates per round to match);
+  * RFT+GRPO: RFT on the collection gets the budget less the GRPO part's rows (the
+    bootstrap's rounds, one pass, the mean collected row under the null condition).
+  Offline stages get the exact steps (``offline.steps_for_tokens``); the online shares
+  of FCP and RFT+GRPO are estimates, so ``budget_checks`` compares what each used.
+  """
+  config = ex.config
+  total = float(config.budget.train_tokens)
+  if not total:
+    return {}
+  rows = ex.sample_tokens
+  boot = config.bootstrap.online
+  targets = dict(
+      offline_fcp=total - online_samples(config) * float(boot.epochs) * rows["record"],
+      rft=total, rft_collect=total - online_samples(config) * rows["null"], grpo=total)
+  for name, value in targets.items():
+    if value <= 0:
+      raise ValueError(f"config.budget.train_tokens={total:,.0f} leaves {name} nothing "
+                       "after the online rows; raise it.")
+  return targets
+
+
+def offline_fcp(ex: Experiment):
+  """Stage 4: offline FCP from the warm-up on the collected triples."""
+  cfg = ex.stage("offline")
+  tokens = token_targets(ex).get("offline_fcp", 0)
+  run_cfg = _with(cfg, **{
+      "data.data_dir": os.path.join(ex.stages.path("collect"), TFDS_DIR),
+      "init_from": ex.stages.path("warmup")})  # Paths: not settings (inputs say it).
+  ex.run("offline_fcp", lambda folder: offline.run(with_token_steps(run_cfg, tokens),
+                                                   folder),
+         settings=dict(stage=cfg, train_tokens=tokens), inputs=("warmup", "collect"))
 
 
 def fcp_bootstrap(ex: Experiment):
@@ -476,12 +566,28 @@ def fcp_bootstrap(ex: Experiment):
       settings=dict(stage=cfg), inputs=("offline_fcp", "collect"))
 
 
-def rft(ex: Experiment, collected: Mapping[str, Any]):
+def _rft_run(ex: Experiment, folder: str, extra: Sequence[Dict[str, Any]],
+             tokens: float) -> Dict[str, Any]:
+  """RFT from the warm-up on the collection's correct samples plus those of ``extra``."""
+  cfg = ex.stage("rft")
+  with open(os.path.join(ex.stages.path("collect"), "correct.json")) as f:
+    correct = json.load(f) + _correct(extra)
+  unique = list({(r["question"], r["response"]): r for r in correct}.values())
+  tfds_dir = os.path.join(folder, TFDS_DIR)
+  _build_once(tfds_builders.TRIPLES, split_records(
+      [dict(r, kind=ex.config.kind) for r in unique], 0.05, ex.seed), tfds_dir,
+              cfg.data.name)
+  run_cfg = _with(cfg, **{"data.data_dir": tfds_dir, "init_from": ex.stages.path("warmup")})
+  return dict(offline.run(with_token_steps(run_cfg, tokens), folder),
+              correct_unique=len(unique))
+
+
+def rft(ex: Experiment):
   """Stage 6: RFT on the collection's correct samples plus an equal online share."""
   config, col = ex.config, ex.config.collect
-  cfg = ex.stage("rft")
   per_prompt = config.bootstrap.online.num_samples
   extra_prompts = online_samples(config) // per_prompt
+  tokens = token_targets(ex).get("rft", 0)
 
   def fn(folder):
     n = len(ex.train_examples)
@@ -489,36 +595,62 @@ def rft(ex: Experiment, collected: Mapping[str, Any]):
                         [ex.train_examples[i % n]
                          for i in range(col.prompts, col.prompts + extra_prompts)],
                         rng=202, num_samples=per_prompt, where="rft")
-    with open(os.path.join(ex.stages.path("collect"), "correct.json")) as f:
-      correct = json.load(f) + _correct(_rows(extra))
-    unique = list({(r["question"], r["response"]): r for r in correct}.values())
-    tfds_dir = os.path.join(folder, TFDS_DIR)
-    _build_once(tfds_builders.TRIPLES, split_records(
-        [dict(r, kind=config.kind) for r in unique], 0.05, ex.seed), tfds_dir,
-                cfg.data.name)
-    summary = offline.run(_with(cfg, **{"data.data_dir": tfds_dir,
-                                        "init_from": ex.stages.path("warmup")}), folder)
-    return dict(summary, samples=collected["samples"] + len(extra),
-                correct_unique=len(unique))
+    return dict(_rft_run(ex, folder, _rows(extra), tokens), samples=len(extra))
 
   ex.run("rft", fn, inputs=("data", "warmup", "collect"), settings=dict(
-      stage=cfg, collect=col, extra_prompts=extra_prompts, per_prompt=per_prompt,
-      data=config.data, feedback=config.feedback))
+      stage=ex.stage("rft"), collect=col, extra_prompts=extra_prompts,
+      per_prompt=per_prompt, data=config.data, feedback=config.feedback,
+      train_tokens=tokens))
+
+
+def grpo_samples_per_round(config: ml_collections.ConfigDict) -> int:
+  return config.grpo.online.prompts_per_step * config.grpo.online.num_samples
 
 
 def grpo_rounds(config: ml_collections.ConfigDict, collected: Mapping[str, Any]) -> int:
   """GRPO's rounds: ``grpo.online.rounds``, or as many as match FCP's samples."""
-  on = config.grpo.online
   budget = collected["samples"] + online_samples(config)
-  return on.rounds or max(1, math.ceil(budget / (on.prompts_per_step * on.num_samples)))
+  return config.grpo.online.rounds or max(
+      1, math.ceil(budget / grpo_samples_per_round(config)))
 
 
-def grpo(ex: Experiment, collected: Mapping[str, Any]):
+def grpo(ex: Experiment):
   """Stage 7: GRPO from the warm-up with the same number of generated samples."""
-  cfg = _with(ex.stage("grpo"), **{"online.rounds": grpo_rounds(ex.config, collected)})
+  cfg = _with(ex.stage("grpo"), **{
+      "online.rounds": grpo_rounds(ex.config, ex.collected),
+      "online.train_tokens": token_targets(ex).get("grpo", 0)})
   ex.run("grpo", lambda folder: online.run(
       _with(cfg, init_from=ex.stages.path("warmup")), folder,
       feedback_cache=ex.feedback_cache), settings=dict(stage=cfg), inputs=("warmup",))
+
+
+def rft_collect(ex: Experiment):
+  """RFT+GRPO's first part: RFT on the collection's correct samples only."""
+  tokens = token_targets(ex).get("rft_collect", 0)
+  ex.run("rft_collect", lambda folder: _rft_run(ex, folder, (), tokens),
+         inputs=("data", "warmup", "collect"),
+         settings=dict(stage=ex.stage("rft"), kind=ex.config.kind, train_tokens=tokens))
+
+
+def rft_grpo(ex: Experiment):
+  """RFT+GRPO's second part: GRPO from ``rft_collect`` for the bootstrap's rounds.
+
+  Phase by phase the same samples as FCP+bootstrap: the collection offline, then the
+  bootstrap's rounds x prompts x samples online, one pass each (GRPO's other settings).
+  """
+  boot = ex.config.bootstrap.online
+  cfg = _with(ex.stage("grpo"), **{f"online.{k}": boot[k] for k in (
+      "rounds", "prompts_per_step", "num_samples", "epochs")})
+  ex.run("rft_grpo", lambda folder: online.run(
+      _with(cfg, init_from=ex.stages.path("rft_collect")), folder,
+      feedback_cache=ex.feedback_cache), settings=dict(stage=cfg),
+      inputs=("rft_collect",))
+
+
+# Training stages after the collection, in order (a stage runs when a method needs it).
+TRAINING_STAGES = {"offline_fcp": offline_fcp, "fcp_bootstrap": fcp_bootstrap,
+                   "rft": rft, "grpo": grpo, "rft_collect": rft_collect,
+                   "rft_grpo": rft_grpo}
 
 
 EVAL_STAGES = {"test": "eval", "validation": "validation"}  # Split -> stage folder.
@@ -565,7 +697,7 @@ def evaluate_methods(ex: Experiment, split: str) -> Dict[str, Any]:
           ex.policy.sampler, ex.policy.load(ex.stages.path(stage)),
           examples, conditions=list(ev.conditions),
           seeds=list(ev.seeds), pool=pool, negatives=negatives, no_answer=no_answer,
-          kind=ev.kind, texts=dict(negative=ev.negative, positive=ev.positive),
+          kind=ev.kind, texts=evaluation.config_texts(ev),
           system=ex.system, instruction=ev.instruction, max_new_tokens=ev.max_new_tokens,
           batch_size=ev.batch_size, qlambda=ex.policy.qlambda)
       if distributed.is_primary():
@@ -580,6 +712,39 @@ def evaluate_methods(ex: Experiment, split: str) -> Dict[str, Any]:
   return evaluations
 
 
+def needed_stages(config: ml_collections.ConfigDict) -> List[str]:
+  """The training stages after the collection that ``config.methods`` need, in order."""
+  for method in config.methods:
+    if method not in METHOD_CHAINS:
+      raise KeyError(f"config.methods: unknown method {method!r}; known: "
+                     f"{sorted(METHOD_CHAINS)}.")
+  if config.collect.references and "grpo" in config.methods:
+    raise ValueError(f"config.collect.references={config.collect.references}: FCP and "
+                     "RFT would train on reference rows that GRPO cannot use; set it to "
+                     "0 (every method: none) or drop 'grpo' from config.methods.")
+  used = {s for m in config.methods for s in METHOD_CHAINS[m]}
+  return [s for s in TRAINING_STAGES if s in used]
+
+
+# Offline stages whose length the token budget sets.
+BUDGETED_OFFLINE = ("offline", "rft")
+
+
+def check_budget(config: ml_collections.ConfigDict):
+  """Under ``budget.train_tokens`` the budgeted offline stages' ``total_steps`` is 0
+  (derived); without it, it is their length. Anything else names both settings."""
+  tokens = config.budget.train_tokens
+  for name in BUDGETED_OFFLINE:
+    steps = config[name].total_steps
+    if tokens and steps:
+      raise ValueError(f"config.{name}.total_steps={steps} and config.budget."
+                       f"train_tokens={tokens} both set the stage's length; set "
+                       "total_steps=0 (steps from the budget) or train_tokens=0.")
+    if not tokens and not steps:
+      raise ValueError(f"config.{name}.total_steps=0 takes its steps from config.budget."
+                       "train_tokens, which is 0; set one of them.")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         store: Optional[str] = None) -> Dict[str, Any]:
   """Runs (or resumes) every stage in ``workdir``; returns the results dict.
@@ -588,54 +753,61 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   share one reuse each other's stages of equal keys.
   """
   t_start = time.perf_counter()
+  stages = needed_stages(config)
+  check_budget(config)
   ex = Experiment(config, workdir, store=store)
   pretrained_base(ex)
   prompts(ex)
   warmup(ex)
-  collected = collect(ex)
-  offline_fcp(ex)
-  fcp_bootstrap(ex)
-  rft(ex, collected)
-  grpo(ex, collected)
+  collect(ex)
+  for name in stages:
+    TRAINING_STAGES[name](ex)
   by_split = {split: evaluate_methods(ex, split) for split in config.eval.splits}
-  return write_results(ex, by_split, collected, time.perf_counter() - t_start)
+  return write_results(ex, by_split, time.perf_counter() - t_start)
 
 
-# Method -> the stages it trains through after the shared warm-up (the warm-up: itself).
-METHOD_CHAINS = {"warmup": ("warmup",), "offline_fcp": ("collect", "offline_fcp"),
-                 "fcp_bootstrap": ("collect", "offline_fcp", "fcp_bootstrap"),
-                 "rft": ("collect", "rft"), "grpo": ("grpo",)}
-
-
-def method_budgets(ex: Experiment, collected: Mapping[str, Any]) -> Dict[str, Any]:
-  """What each method consumed beyond the shared warm-up (the warm-up: its own).
+def method_budgets(ex: Experiment) -> Dict[str, Any]:
+  """What each method of ``config.methods`` consumed beyond the shared warm-up (the
+  warm-up: its own).
 
   Per method: generated ``samples``, optimizer ``updates``, ``loss_tokens`` and
   ``input_tokens`` (non-padding) trained on, ``references`` (reference solutions among
-  its training rows) and wall ``seconds`` of its stages.
+  its training rows) and wall ``seconds`` of its stages (``samples``: the sum of what
+  its stages generated).
   """
-  config, records = ex.config, ex.stages.records
-  samples = dict(warmup=0, offline_fcp=collected["samples"],
-                 fcp_bootstrap=collected["samples"] + online_samples(config),
-                 rft=records["rft"].get("samples", 0),
-                 grpo=grpo_rounds(config, collected) * config.grpo.online.prompts_per_step
-                 * config.grpo.online.num_samples)
-  references = dict(warmup=len(ex.train_examples), offline_fcp=collected["references"],
-                    fcp_bootstrap=collected["references"],
-                    rft=collected["references"], grpo=0)
+  records = ex.stages.records
   out = {}
-  for method, chain in METHOD_CHAINS.items():
+  for method in ex.config.methods:
+    chain = METHOD_CHAINS[method]
     budget = dict(updates=0.0, loss_tokens=0.0, input_tokens=0.0)
     for stage in chain:
       for key, value in metrics_lib.training_budget(ex.stages.path(stage)).items():
         budget[key] += value
-    out[method] = dict(budget, samples=samples[method], references=references[method],
+    references = (len(ex.train_examples) if method == "warmup" else
+                  ex.collected["references"] if "collect" in chain else 0)
+    out[method] = dict(budget, references=references,
+                       samples=sum(records[s].get("samples", 0) for s in chain),
                        seconds=sum(records[s].get("seconds", 0.0) for s in chain))
   return out
 
 
+def budget_checks(train_tokens: float, budgets: Mapping[str, Any]) -> Dict[str, Any]:
+  """Each matched method's training tokens against ``budget.train_tokens`` (±10%)."""
+  out = {}
+  if not train_tokens:
+    return out
+  for method in MATCHED_METHODS:
+    if method in budgets:
+      ratio = budgets[method]["input_tokens"] / train_tokens
+      out[f"{method}_tokens_vs_budget"] = dict(
+          value=100 * ratio, rule=f"% of {train_tokens:,.0f}, within "
+          f"{100 - 100 * BUDGET_TOLERANCE:.0f}-{100 + 100 * BUDGET_TOLERANCE:.0f}",
+          ok=abs(ratio - 1) <= BUDGET_TOLERANCE)
+  return out
+
+
 def write_results(ex: Experiment, by_split: Mapping[str, Mapping[str, Any]],
-                  collected: Mapping[str, Any], seconds: float) -> Dict[str, Any]:
+                  seconds: float) -> Dict[str, Any]:
   """``results.json``, ``results.md`` and ``plots/`` of the workdir.
 
   ``eval`` holds the test split's table when it was evaluated, else the first split's;
@@ -644,20 +816,19 @@ def write_results(ex: Experiment, by_split: Mapping[str, Mapping[str, Any]],
   split = "test" if "test" in by_split else next(iter(by_split))
   evaluations = by_split[split]
   config, workdir, records = ex.config, ex.workdir, ex.stages.records
-  per_round = config.grpo.online.prompts_per_step * config.grpo.online.num_samples
-  rounds = grpo_rounds(config, collected)
   conditions = list(config.eval.conditions)
+  train_tokens = float(config.budget.train_tokens)
+  budgets = method_budgets(ex)
   results = dict(
       workdir=workdir, seed=ex.seed, task=config.data.task, model=dict(config.model),
       split=split, split_sizes={k: len(v) for k, v in ex.splits.items()},
       config=config_lib.to_dict(config), stage_keys=dict(ex.stages.keys),
-      budget=dict(collect=collected["samples"], fcp_online=online_samples(config),
-                  fcp_total=collected["samples"] + online_samples(config),
-                  rft_total=records["rft"].get("samples"),
-                  grpo_total=rounds * per_round, grpo_rounds=rounds,
-                  methods=method_budgets(ex, collected)),
-      collect={k: v for k, v in collected.items() if k != "pool_stats"},
-      eval=evaluations, by_split=dict(by_split), checks=effect_checks(evaluations),
+      budget=dict(train_tokens=train_tokens, collect=ex.collected["samples"],
+                  fcp_online=online_samples(config),
+                  grpo_rounds=grpo_rounds(config, ex.collected), methods=budgets),
+      collect={k: v for k, v in ex.collected.items() if k != "pool_stats"},
+      eval=evaluations, by_split=dict(by_split),
+      checks={**effect_checks(evaluations), **budget_checks(train_tokens, budgets)},
       stage_seconds={k: v.get("seconds") for k, v in records.items()},
       total_seconds_this_call=seconds)
   if distributed.is_primary():
@@ -684,10 +855,12 @@ def effect_checks(evaluations: Mapping[str, Any]) -> Dict[str, Any]:
   out = {}
   if boot_pool is not None and warm is not None:
     gain = 100 * (boot_pool - warm)
-    out["bootstrap_pool_minus_warmup_pts"] = dict(value=gain, need=10.0, ok=gain >= 10.0)
+    out["bootstrap_pool_minus_warmup_pts"] = dict(value=gain, rule="need ≥ 10",
+                                                  ok=gain >= 10.0)
   if boot_pool is not None and neg is not None:
     gap = 100 * (boot_pool - neg)
-    out["bootstrap_pool_minus_negative_pts"] = dict(value=gap, need=20.0, ok=gap >= 20.0)
+    out["bootstrap_pool_minus_negative_pts"] = dict(value=gap, rule="need ≥ 20",
+                                                    ok=gap >= 20.0)
   return out
 
 
@@ -715,15 +888,13 @@ def results_markdown(results: Mapping[str, Any], conditions: Sequence[str]) -> s
                                          for m, r in ev.items()}, conditions),
             "## Checks", ""]
   for name, c in results["checks"].items():
-    lines.append(f"- {name}: {c['value']:.1f} (need ≥ {c['need']:.0f}) "
+    lines.append(f"- {name}: {c['value']:.1f} ({c['rule']}) "
                  f"{'PASS' if c['ok'] else 'FAIL'}")
   b = results["budget"]
-  lines += ["", "## Generated samples per method", "",
-            f"- FCP: {b['collect']} collected + {b['fcp_online']} online = "
-            f"{b['fcp_total']}",
-            f"- RFT: {b['rft_total']}", f"- GRPO: {b['grpo_total']} "
-            f"({b['grpo_rounds']} rounds)", "",
-            "## Budget per method (beyond the shared warm-up; the warm-up: its own)", "",
+  lines += ["", "## Budget per method (beyond the shared warm-up; the warm-up: its own)",
+            "", f"FCP samples: {b['collect']:,} collected + {b['fcp_online']:,} online; "
+            f"GRPO: {b['grpo_rounds']} rounds; training-token budget per method: "
+            + (f"{b['train_tokens']:,.0f}." if b["train_tokens"] else "none set."), "",
             "| method | generated samples | updates | loss tokens | input tokens | "
             "references | seconds |", "|---|---|---|---|---|---|---|"]
   for method, m in b["methods"].items():
@@ -769,7 +940,7 @@ def write_plots(workdir: str, results: Mapping[str, Any],
   paths.append(_save(fig, plt, os.path.join(out_dir, "accuracy_by_condition.png")))
 
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-  for stage in ("warmup", "offline_fcp", "rft"):
+  for stage in ("warmup", "offline_fcp", "rft", "rft_collect"):
     recs = metrics_lib.read_jsonl(os.path.join(workdir, stage, metrics_lib.JSONL_NAME))
     pts = [(r["step"], r["train/loss"]) for r in recs if "train/loss" in r]
     if pts:
@@ -778,7 +949,7 @@ def write_plots(workdir: str, results: Mapping[str, Any],
   axes[0].set_ylabel("train loss")
   axes[0].set_yscale("log")
   axes[0].legend()
-  for stage in ("fcp_bootstrap", "grpo"):
+  for stage in ("fcp_bootstrap", "grpo", "rft_grpo"):
     recs = metrics_lib.read_jsonl(os.path.join(workdir, stage, metrics_lib.JSONL_NAME))
     pts = [(r["step"], r["rollout/correct"]) for r in recs if "rollout/correct" in r]
     if pts:

@@ -243,6 +243,7 @@ def test_updates_per_round_validates_the_mini_batch():
     bootstrap.updates_per_round(_online_cfg(mini_batch=3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["none", "absmean"])
 def test_one_online_update_lowers_its_own_batch_nll(quant):
   from fcp_jax.training import losses, optim, step as step_lib  # pylint: disable=g-import-not-at-top
@@ -271,6 +272,7 @@ def test_one_online_update_lowers_its_own_batch_nll(quant):
   assert float(metrics["input_tokens"]) == float(np.count_nonzero(batch["segment_ids"]))
 
 
+@pytest.mark.slow
 def test_grpo_kl_is_to_the_starting_policy_and_rounds_log_their_batch_nll(tmp_path):
   cfg = _config("runlocal,stage=grpo")
   config_lib.apply_overrides(cfg, ["loss='grpo(clip_eps=0.2, kl_coef=0.1)'",
@@ -286,3 +288,6 @@ def test_grpo_kl_is_to_the_starting_policy_and_rounds_log_their_batch_nll(tmp_pa
     assert r["train/updates"] == on.prompts_per_step * on.num_samples // on.mini_batch
     assert r["rollout/batch_nll_before"] > 0 and r["rollout/batch_nll_after"] > 0
     assert r["train/input_tokens"] > r["train/tokens"] > 0
+  # Logged before and after the round's update: round 1's update moved the policy, so
+  # its rows' NLL changed (a value logged twice, or before the update, would not).
+  assert rounds[0]["rollout/batch_nll_after"] != rounds[0]["rollout/batch_nll_before"]

@@ -164,3 +164,17 @@ def test_no_answer_verdicts_lists_exactly_what_the_critic_writes_without_answer(
   assert env.one(EX, "#### 13").reviewer not in reviewer
   with pytest.raises(KeyError, match="kind"):
     env.no_answer_verdicts("score")
+
+
+def test_critique_without_numbers_names_the_fault_but_leaks_no_value(env):
+  plain = critic_lib.Critic(seed=0, critique_numbers=False)
+  assert plain.config_key() != env.config_key()
+  assert "critique_numbers=False" in plain.config_key()
+  queries = [Query(EX, case[0]) for case in CASES.values()]
+  for q, a, b in zip(queries, env.feedback(queries), plain.feedback(queries)):
+    assert not re.search(r"\d", b.critique), b.critique
+    assert b.critique == critic_lib.NUMBER.sub("N", a.critique)
+    assert (b.user, b.reviewer, b.score, b.correct) == (a.user, a.reviewer, a.score,
+                                                         a.correct)
+  slip = plain.one(EX, CASES["arithmetic_slip"][0])
+  assert "line N" in slip.critique and "N+N=N" in slip.critique

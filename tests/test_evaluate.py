@@ -97,7 +97,8 @@ def test_pool_draws_are_seeded_and_vary_with_the_seed():
 
 
 def test_custom_fixed_texts_and_missing_pool():
-  assert evaluate.CONDITIONS.get("negative")(2, kind="user", text="meh") == ["meh", "meh"]
+  assert evaluate.CONDITIONS.get("fixed_negative")(2, kind="user", text="meh") == [
+      "meh", "meh"]
   assert evaluate.CONDITIONS.get("positive")(1, kind="user") == [evaluate.POSITIVE["user"]]
   with pytest.raises(ValueError, match="pool"):
     evaluate.CONDITIONS.get("pool")(3, seed=0, pool=None, kind="reviewer")
@@ -150,9 +151,14 @@ def test_negative_condition_draws_the_worst_verdicts():
   assert a == draw(40, seed=3, kind="reviewer", negatives=negatives)
   assert a != draw(40, seed=4, kind="reviewer", negatives=negatives)
   assert set(a) <= set(negatives.conditions) and len(set(a)) > 15
-  # A fixed text overrides the pool; no pool falls back to the fixed NEGATIVE text.
-  assert draw(2, seed=3, kind="reviewer", negatives=negatives, text="meh") == ["meh"] * 2
+  # A text does not override the pool; no pool falls back to the fixed NEGATIVE text.
+  assert draw(2, seed=3, kind="reviewer", negatives=negatives, text="meh") == draw(
+      2, seed=3, kind="reviewer", negatives=negatives)
   assert draw(2, kind="user") == [evaluate.NEGATIVE["user"]] * 2
+  # The paper's fixed fully negative text: eval.negative, or the kind's default.
+  fixed = evaluate.CONDITIONS.get("fixed_negative")
+  assert fixed(2, kind="reviewer", negatives=negatives, text="meh") == ["meh"] * 2
+  assert fixed(2, kind="critique") == [evaluate.NEGATIVE["critique"]] * 2
 
   # Drawn negatives are decoded once per seed (and a fixed text once).
   tok = tokenizer_lib.CharTokenizer()
@@ -164,10 +170,12 @@ def test_negative_condition_draws_the_worst_verdicts():
   for s, prompts in ((0, sampler.prompts[:6]), (1, sampler.prompts[6:])):
     conds = draw(6, seed=s, kind="reviewer", negatives=negatives)
     assert all(f"<EF>{c}</EF>" in p for c, p in zip(conds, prompts))
-  res = evaluate.evaluate_policy(sampler, None, examples, conditions=["negative"],
+  sampler.prompts.clear()
+  res = evaluate.evaluate_policy(sampler, None, examples, conditions=["fixed_negative"],
                                  seeds=[0, 1], negatives=negatives, max_new_tokens=8,
-                                 texts=dict(negative="meh"))
-  assert res["negative"]["num_seeds"] == 1
+                                 texts=dict(fixed_negative="meh"))
+  assert res["fixed_negative"]["num_seeds"] == 1 and len(sampler.prompts) == 6
+  assert all("<EF>meh</EF>" in p for p in sampler.prompts)
 
 
 def test_no_answer_condition_draws_the_envs_verdicts_on_no_answer(tmp_path):

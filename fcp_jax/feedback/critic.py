@@ -26,17 +26,23 @@ values); no answer at all 0.
 ``noise`` is the rate at which the critic turns into an imperfect judge (seeded per
 query): half of the noisy answers flip the verdict of the texts and the score, half blur
 them into vague, neutral feedback scored 5. ``correct`` always stays the true verdict.
+
+``critique_numbers=False`` writes every number of the critique as ``N``: free text that
+still names what went wrong, but leaks no answer or intermediate value (a pool c+ drawn
+from another question would otherwise carry that question's answer).
 """
 
 import dataclasses
 import itertools
 import random
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from fcp_jax.data import tasks
 from fcp_jax.feedback.base import FEEDBACK_ENVS, Feedback, QueryLike, as_queries
 
 VERSION = 1
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")  # A number of a critique (critique_numbers).
 
 # ---------------------------------------------------------------------------------------
 # Phrase banks. Reviewer summaries are "{A} {joiner} {b}; {c} {d}." with one entry of
@@ -312,15 +318,18 @@ class Critic:
   """Rule-based feedback env (see the module docstring)."""
 
   def __init__(self, *, noise: float = 0.0, seed: int = 0, verbose_ratio: float = 2.5,
-               verbose_slack: int = 40):
+               verbose_slack: int = 40, critique_numbers: bool = True):
     if not 0.0 <= noise <= 1.0:
       raise ValueError(f"noise must be in [0, 1], got {noise}.")
     self.noise, self.seed = noise, seed
     self.verbose_ratio, self.verbose_slack = verbose_ratio, verbose_slack
+    self.critique_numbers = critique_numbers
 
   def config_key(self) -> str:
+    numbers = "" if self.critique_numbers else ", critique_numbers=False"
     return (f"critic(noise={self.noise}, seed={self.seed}, verbose_ratio="
-            f"{self.verbose_ratio}, verbose_slack={self.verbose_slack}, v={VERSION})")
+            f"{self.verbose_ratio}, verbose_slack={self.verbose_slack}{numbers}, "
+            f"v={VERSION})")
 
   def no_answer_verdicts(self, kind: str) -> Tuple[str, ...]:
     """Every text this critic writes for a response with no final answer (score 0).
@@ -351,6 +360,12 @@ class Critic:
 
   def one(self, example: tasks.Example, response: str) -> Feedback:
     """Feedback on one response; deterministic in (seed, example.uid, response)."""
+    fb = self._one(example, response)
+    if not self.critique_numbers:
+      fb = dataclasses.replace(fb, critique=NUMBER.sub("N", fb.critique))
+    return fb
+
+  def _one(self, example: tasks.Example, response: str) -> Feedback:
     a = self.analyze(example, response)
     rng = random.Random(tasks.stable_hash("critic", self.seed, example.uid, response))
     noise_rng = random.Random(tasks.stable_hash("noise", self.seed, example.uid, response))

@@ -155,6 +155,26 @@ def _tokens_in(batch: Mapping[str, np.ndarray]) -> int:
   return int(np.count_nonzero(batch["segment_ids"]))
 
 
+def steps_for_tokens(config: ml_collections.ConfigDict, tokens: float) -> int:
+  """Train steps of ``config`` whose batches hold nearest ``tokens`` input tokens.
+
+  Reads the run's own train batches (same seed, packing and order, no model), so the
+  count is exact for a fresh run: at least 1 step.
+  """
+  tok = policy_lib.build_tokenizer(config.tokenizer)
+  pipe = make_pipeline(config, tok, config.data.train_split,
+                       batch_size=config.batch_size, train=True)
+  done = steps = 0
+  for batch in pipe:
+    t = _tokens_in(batch)
+    if steps and done + t - tokens > tokens - done:  # Nearer without this batch.
+      break
+    done, steps = done + t, steps + 1
+    if done >= tokens:
+      break
+  return steps
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         callbacks: Sequence[Callback] = ()) -> Dict[str, Any]:
   """Trains (or resumes) the run in ``workdir``; returns a summary dict."""

@@ -19,9 +19,13 @@ One round (a "bootstrap step"):
    row's loss mask is zero (FCP) and it takes no part in its group's advantages (GRPO);
    ``feedback/failed`` counts them per round;
 5. train on the ``B * n`` rows in sequential mini-batches of ``online.mini_batch``
-   sequences, one optimizer update each (no reference model, no KL for FCP; GRPO with
-   ``kl_coef`` > 0 adds the k3 KL to the starting policy, whose log-probs are computed
-   on the round's rows). Logged per round: the NLL of the round's rows before and after
+   sequences, one optimizer update each, for ``online.epochs`` passes (default 1; GRPO's
+   clipped ratio stays relative to the sampler's log-probs), or, with
+   ``online.train_tokens``, for as many updates as bring the input tokens trained on so
+   far nearest ``rounds done x train_tokens / rounds`` (a training-token budget). No
+   reference model, no KL
+   for FCP; GRPO with ``kl_coef`` > 0 adds the k3 KL to the starting policy, whose
+   log-probs are computed on the round's rows. Logged per round: the NLL of the round's rows before and after
    its updates (``rollout/batch_nll_before``, ``_after``), the share of correct rollouts
    and the mean feedback score; ``train/tokens``, ``train/input_tokens`` and
    ``train/updates`` are the round's sums (``metrics.training_budget``).
@@ -174,12 +178,48 @@ def _split_rows(batch: Dict[str, np.ndarray], size: int) -> List[Dict[str, np.nd
 
 
 def updates_per_round(online_cfg) -> int:
-  """Optimizer updates per round; the mini-batch must divide the round's rollouts."""
+  """Optimizer updates per round: ``online.epochs`` passes over its mini-batches.
+
+  The mini-batch must divide the round's rollouts; a fractional ``epochs`` (rounded to
+  whole updates, at least one) ends its last pass part-way. With ``online.train_tokens``
+  the number varies by round (``updates_for_tokens``); this is then one pass.
+  """
   rows = int(online_cfg.prompts_per_step) * int(online_cfg.num_samples)
   if int(online_cfg.mini_batch) < 1 or rows % int(online_cfg.mini_batch):
     raise ValueError(f"online.mini_batch={online_cfg.mini_batch} must divide the {rows} "
                      "rollouts of a round (prompts_per_step * num_samples).")
-  return rows // int(online_cfg.mini_batch)
+  epochs = float(online_cfg.get("epochs", 1.0))
+  if not epochs > 0:
+    raise ValueError(f"online.epochs must be > 0, got {epochs}.")
+  return max(1, round(epochs * rows / int(online_cfg.mini_batch)))
+
+
+def updates_for_tokens(mini_batch_tokens: Sequence[int], target: float) -> int:
+  """Updates over the mini-batches, in passes, whose tokens come nearest ``target``."""
+  done = updates = 0
+  while True:
+    t = mini_batch_tokens[updates % len(mini_batch_tokens)]
+    if updates and done + t - target > target - done:
+      return updates
+    done, updates = done + t, updates + 1
+    if done >= target:
+      return updates
+
+
+def check_token_budget(config: ml_collections.ConfigDict) -> float:
+  """Tokens per round under ``online.train_tokens`` (0: off); checks what it excludes."""
+  tokens = float(config.online.get("train_tokens", 0) or 0)
+  if not tokens:
+    return 0.0
+  if float(config.online.get("epochs", 1.0)) != 1.0:
+    raise ValueError("config.online.train_tokens and config.online.epochs are both set; "
+                     "keep one (the token budget sets the passes per round).")
+  if config.optim.schedule != "constant" or config.optim.warmup_frac or (
+      config.optim.warmup_steps):
+    raise ValueError("config.online.train_tokens makes the number of updates depend on "
+                     "the rollouts; it needs optim.schedule='constant' without warm-up "
+                     f"(got {config.optim.schedule!r}).")
+  return tokens / int(config.online.rounds)
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,6 +244,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   n = int(on.num_samples)
   updates = updates_per_round(on)
   total_updates = rounds * updates
+  round_tokens = check_token_budget(config)
   tok = policy_lib.build_tokenizer(config.tokenizer)
   system = on.system if on.system else None
 
@@ -262,6 +303,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     state = restored.state
     online_state = restored.extra[STATE_ITEM]
     start_round = int(online_state["round"])
+    tokens_done = int(online_state.get("tokens_done", 0))
     if online_state.get("pool_conditions"):  # The pool the run started with.
       pool = pool_lib.ConditionPool(online_state["pool_conditions"],
                                     kind=pool.kind if pool else on.condition_kind)
@@ -273,6 +315,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       state = state.replace(params=checkpoint_lib.restore_params(config.init_from,
                                                                  abstract.params))
     start_round = 0
+    tokens_done = 0  # Input tokens trained on so far (the token budget's account).
   ref_params = None
   if kl_coef:  # The starting policy, the same on a resumed run.
     ref_params = (checkpoint_lib.restore_params(config.init_from, abstract.params)
@@ -301,7 +344,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                 rng=[int(x) for x in np.asarray(jax.random.key_data(base_key))],
                 pool=on.pool, pool_size=len(pool) if pool else 0,
                 pool_conditions=list(pool.conditions) if pool else [],
-                updates=r * updates)
+                updates=int(jax.device_get(state.step)), tokens_done=tokens_done)
 
   # -------------------------------------------------------------------------------------
   # Loop.
@@ -350,8 +393,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       mbs = _split_rows(batch, int(on.mini_batch))
       nll_before = batch_nll(state.params, mbs, int(jax.device_get(state.step)))
       pending = metrics_lib.PendingMetrics()
-      for j, mb in enumerate(mbs):
-        state, m = train_step(state, put(mb))
+      mb_tokens = [int(np.count_nonzero(mb["segment_ids"])) for mb in mbs]  # [M]
+      round_updates = updates
+      if round_tokens:  # Toward the budget so far: rounding does not add up.
+        round_updates = updates_for_tokens(mb_tokens, (r + 1) * round_tokens - tokens_done)
+      tokens_done += sum(mb_tokens[j % len(mbs)] for j in range(round_updates))
+      for j in range(round_updates):  # Passes over the mini-batches, in order.
+        state, m = train_step(state, put(mbs[j % len(mbs)]))
         pending.add(j, m)
       per_update = [m for _, m in pending.fetch()]
       step_metrics = metrics_lib.mean_metrics(per_update)
