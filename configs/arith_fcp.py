@@ -32,59 +32,16 @@ import itertools
 import ml_collections
 
 from fcp_jax import config_lib
-from fcp_jax.training import sharding
+
+from . import common
 
 TASK = "chain_sum(min_terms=3, max_terms=5, min_digits=1, max_digits=1, compact=True)"
 FEEDBACK = "critic(noise=0.0, seed=0)"
 KIND = "reviewer"
 
-
-def _optim(lr: float, *, schedule: str = "cosine(end_factor=0.1)", warmup_frac=0.05,
-           weight_decay=0.0, stage2_at=0.0) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      lr=lr, schedule=schedule, warmup_steps=0, warmup_frac=warmup_frac, b1=0.9,
-      b2=0.95, eps=1e-8, weight_decay=weight_decay, clip_norm=1.0, stage2_at=stage2_at,
-      stage2_lr_factor=0.5 if stage2_at else 1.0, stage2_weight_decay=0.0))
-
-
-def _offline(*, objective: str, steps: int, batch: int, lr: float, max_len: int,
-             data_name: str, pack: bool = True) -> ml_collections.ConfigDict:
-  """A ``fcp_jax.train`` stage (the pipeline fills ``data.data_dir`` and init_from).
-
-  With ``pack`` each of the ``batch`` rows holds as many whole sequences as fit in
-  ``max_len`` (first fit). Checkpoints every fifth of the run, so a killed stage resumes.
-  ``steps=0``: the pipeline derives them from ``budget.train_tokens``.
-  """
-  c = config_lib.stage_fields(log_every=20,
-                              checkpoint_every=max(steps // 5, 1), keep=2)
-  c.objective = objective
-  c.total_steps = steps
-  c.batch_size = batch
-  c.grad_accum = 1
-  c.loss = "nll(aggregation='token-mean')"
-  c.optim = _optim(lr)
-  c.data = ml_collections.ConfigDict(dict(
-      data_dir="", name=data_name, train_split="train", eval_split="eval",
-      max_len=max_len, pack=pack, overflow="truncate", num_workers=0))
-  c.eval = ml_collections.ConfigDict(dict(every=max(steps // 2, 1), batch_size=batch,
-                                          max_batches=2))
-  return c
-
-
-def _online(*, objective: str, loss: str, rounds: int, prompts: int, samples: int,
-            mini_batch: int, lr, max_len: int, max_new: int, task_size: int
-            ) -> ml_collections.ConfigDict:
-  """A ``fcp_jax.bootstrap`` stage (the pipeline fills init_from and the pool)."""
-  c = config_lib.stage_fields(log_every=5, checkpoint_every=5, keep=2)
-  c.objective = objective
-  c.loss = loss
-  c.optim = _optim(lr, schedule="constant", warmup_frac=0.0)
-  c.online = ml_collections.ConfigDict(dict(
-      task_size=task_size, rounds=rounds, prompts_per_step=prompts, num_samples=samples,
-      mini_batch=mini_batch, epochs=1.0, sampling="temperature(t=1.0)",
-      max_new_tokens=max_new, max_len=max_len, prompt_bucket=64,
-      fresh_cplus_per_rollout=False, pool=""))
-  return c
+# Stage builders (``configs/common.py``); their defaults are this experiment's.
+_offline = common.offline_stage
+_online = common.online_stage
 
 
 def get_config(arg=None):
@@ -109,9 +66,7 @@ def get_config(arg=None):
     config.model.num_layers = arg.layers
   if arg.ternary:
     config.model.update(weight_quant="absmean", act_quant="absmax_int8")
-  config.parallel = ml_collections.ConfigDict(dict(
-      mode="mesh", mesh_shape=(-1, 1, 1), rules=sharding.DEFAULT_RULES,
-      distributed=False, coordinator_address="", num_processes=0, process_id=-1))
+  config.parallel = common.parallel()
   # Prompts (``experiment.split_prompts``): train prompts feed the warm-up, the
   # collection and the online rounds (the first ``online.task_size`` of them);
   # validation prompts (tuning) and test prompts (reporting) are held out, all three

@@ -65,11 +65,14 @@ Budget: as ``configs/arith_fcp.py``: RFT and GRPO see as many generated samples 
 (runlocal fixes GRPO to 1 round).
 """
 
+import functools
+
 import ml_collections
 
 from fcp_jax import config_lib
 from fcp_jax.data import chat
-from fcp_jax.training import sharding
+
+from . import common
 
 TASK = "gsm8k"
 FEEDBACK = "critic(noise=0.0, seed=0)"
@@ -102,48 +105,15 @@ def _ternary(name: str) -> str:
   return name
 
 
-def _optim(lr: float, *, schedule: str = "cosine(end_factor=0.1)", warmup_frac=0.1,
-           weight_decay=0.0, b2=0.95) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      lr=lr, schedule=schedule, warmup_steps=0, warmup_frac=warmup_frac, b1=0.9, b2=b2,
-      eps=1e-8, weight_decay=weight_decay, clip_norm=1.0, stage2_at=0.0,
-      stage2_lr_factor=1.0, stage2_weight_decay=0.0))
-
-
-def _offline(*, objective: str, steps: int, batch: int, lr: float, max_len: int,
-             data_name: str) -> ml_collections.ConfigDict:
-  """A ``fcp_jax.train`` stage (the pipeline fills data_dir and init_from)."""
-  c = config_lib.stage_fields(log_every=10,
-                              checkpoint_every=max(steps // 4, 1), keep=1)
-  c.objective = objective
-  c.total_steps = steps
-  c.batch_size = batch
-  c.grad_accum = 1
-  c.loss = "nll(aggregation='token-mean')"
-  c.optim = _optim(lr)
-  c.data = ml_collections.ConfigDict(dict(
-      data_dir="", name=data_name, train_split="train", eval_split="eval",
-      max_len=max_len, pack=False, overflow="truncate", num_workers=0))
-  c.eval = ml_collections.ConfigDict(dict(every=max(steps // 4, 1), batch_size=batch,
-                                          max_batches=4))
-  return c
-
-
-def _online(*, objective: str, loss: str, rounds: int, prompts: int, samples: int,
-            mini_batch: int, lr: float, max_len: int, max_new: int, task_size: int
-            ) -> ml_collections.ConfigDict:
-  """A ``fcp_jax.bootstrap`` stage (the pipeline fills init_from and the pool)."""
-  c = config_lib.stage_fields(log_every=1, checkpoint_every=5, keep=1)
-  c.objective = objective
-  c.loss = loss
-  c.optim = _optim(lr, schedule="constant", warmup_frac=0.0, weight_decay=0.01,
-                   b2=0.999)
-  c.online = ml_collections.ConfigDict(dict(
-      task_size=task_size, rounds=rounds, prompts_per_step=prompts, num_samples=samples,
-      mini_batch=mini_batch, epochs=1.0, sampling="temperature(t=1.0)",
-      max_new_tokens=max_new, max_len=max_len, prompt_bucket=64,
-      fresh_cplus_per_rollout=False, pool=""))
-  return c
+# This experiment's stage settings (``configs/common.py`` builders): offline stages
+# unpacked, checkpointed and evaluated 4 times per run; online stages with wd 0.01 and
+# β2 0.999 (verl's default), logging every round.
+_offline = functools.partial(
+    common.offline_stage, pack=False, log_every=10, checkpoints=4, keep=1, evals=4,
+    eval_batches=4, optim_args=dict(warmup_frac=0.1))
+_online = functools.partial(
+    common.online_stage, log_every=1, checkpoint_every=5, keep=1,
+    optim_args=dict(weight_decay=0.01, b2=0.999))
 
 
 def get_config(arg=None):
@@ -166,9 +136,7 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict(dict(
       variant="smollm2-135m", vocab_size=VOCAB_SIZE, scan_layers=True, remat="none",
       dtype="float32" if arg.runlocal else "bfloat16", **TERNARY[arg.ternary]))
-  config.parallel = ml_collections.ConfigDict(dict(
-      mode="mesh", mesh_shape=(-1, 1, 1), rules=sharding.DEFAULT_RULES,
-      distributed=False, coordinator_address="", num_processes=0, process_id=-1))
+  config.parallel = common.parallel()
   # Prompts: all of GSM8K train (warm-up, collection, online rounds) and test (eval);
   # ``task_seed=None`` follows ``seed``.
   config.data = ml_collections.ConfigDict(dict(

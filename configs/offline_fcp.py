@@ -20,7 +20,8 @@ import ml_collections
 
 from fcp_jax import config_lib
 from fcp_jax.data import chat
-from fcp_jax.training import sharding
+
+from . import common
 
 
 def get_config(arg=None):
@@ -40,15 +41,12 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict(dict(
       variant=arg.variant, weight_quant="none", act_quant="none", vocab_size=None,
       dtype=None, scan_layers=None, remat=None))
-  # Ternary λ warm-up (ternary.lambda_schedule arguments, in steps).
+  # Ternary λ warm-up (ternary_training.lambda_schedule arguments, in steps).
   config.quant = ml_collections.ConfigDict(dict(
       lambda_start=0, lambda_ramp=0, lambda_stagger=0))
   config.loss = "nll(aggregation='token-mean')"   # losses.LOSSES
 
-  config.optim = ml_collections.ConfigDict(dict(
-      lr=1e-3, schedule="cosine(end_factor=0.1)", warmup_steps=0, warmup_frac=0.05,
-      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
-      stage2_at=0.0, stage2_lr_factor=1.0, stage2_weight_decay=0.0))
+  config.optim = common.optim(1e-3)
 
   config.data = ml_collections.ConfigDict(dict(
       data_dir="", name="default", train_split="train", eval_split="eval",
@@ -59,9 +57,7 @@ def get_config(arg=None):
       every=200, batch_size=32, max_batches=16))
   config.checkpoint = ml_collections.ConfigDict(dict(
       every=500, keep=3, async_save=True))
-  config.parallel = ml_collections.ConfigDict(dict(
-      mode="mesh", mesh_shape=(-1, 1, 1), rules=sharding.DEFAULT_RULES,
-      distributed=False, coordinator_address="", num_processes=0, process_id=-1))
+  config.parallel = common.parallel()
   config.plots = True
 
   if arg.ternary:

@@ -677,11 +677,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _load_module(path: str):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_lib.load_module(path)  # A config may import its siblings.
 
 
 if __name__ == "__main__":

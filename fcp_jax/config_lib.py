@@ -16,10 +16,13 @@ valid keys.
 import ast
 import copy
 import difflib
+import importlib.machinery
 import importlib.util
 import json
 import logging
 import os
+import sys
+import types
 from typing import Any, Callable, Iterable, List, Sequence
 
 import ml_collections
@@ -78,15 +81,32 @@ def parse_arg(arg: str | None, *, lazy: bool = False, **spec) -> ml_collections.
   return out
 
 
+def load_module(path: str) -> types.ModuleType:
+  """Executes the config file ``path`` as a module of a package of its directory.
+
+  The package (one per directory, kept in ``sys.modules``) lets a config import its
+  siblings whatever the working directory: ``from . import common``.
+  """
+  path = os.path.abspath(path)
+  directory, filename = os.path.split(path)
+  package = f"_fcp_configs_{abs(hash(directory))}"
+  if package not in sys.modules:
+    package_spec = importlib.machinery.ModuleSpec(package, None, is_package=True)
+    package_spec.submodule_search_locations = [directory]
+    sys.modules[package] = importlib.util.module_from_spec(package_spec)
+  module_spec = importlib.util.spec_from_file_location(
+      f"{package}.{os.path.splitext(filename)[0]}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """Loads ``path/to/config.py[:arg]`` and returns ``get_config(arg)``."""
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
     raise FileNotFoundError(f"Config file {path!r} does not exist.")
-  module_spec = importlib.util.spec_from_file_location(
-      f"_fcp_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = load_module(path)
   config = module.get_config(arg or None) if arg else module.get_config()
   config.lock()
   return config

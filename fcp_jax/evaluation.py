@@ -38,6 +38,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from fcp_jax.data import answers
 from fcp_jax.data import chat
 from fcp_jax.data import tasks as tasks_lib
 from fcp_jax.feedback import base as feedback_base
@@ -149,9 +150,9 @@ def config_no_answer(ev: ml_collections.ConfigDict) -> Optional[pool_lib.Conditi
 def score_responses(examples: Sequence[tasks_lib.Example], texts: Sequence[str],
                     lengths: Sequence[int]) -> Dict[str, np.ndarray]:
   """Per-question correctness, has-answer and length arrays."""
-  correct = np.asarray([tasks_lib.check_answer(e, t) for e, t in zip(examples, texts)],
+  correct = np.asarray([answers.check_answer(e, t) for e, t in zip(examples, texts)],
                        np.float64)  # [N]
-  answered = np.asarray([tasks_lib.extract_answer(t) is not None for t in texts],
+  answered = np.asarray([answers.extract_answer(t) is not None for t in texts],
                         np.float64)  # [N]
   return dict(correct=correct, answered=answered, length=np.asarray(lengths, np.float64))
 

@@ -67,7 +67,7 @@ from fcp_jax import evaluation
 from fcp_jax import policy as policy_lib
 from fcp_jax import rollout as rollout_lib
 from fcp_jax import stages as stages_lib
-from fcp_jax.data import pipeline as pipeline_lib
+from fcp_jax.data import input_pipeline as pipeline_lib
 from fcp_jax.data import tasks as tasks_lib
 from fcp_jax.data import tfds_builders
 from fcp_jax.data import tokenizer as tokenizer_lib

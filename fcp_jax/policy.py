@@ -95,13 +95,13 @@ def fill_quant_params_fn(model) -> Callable[[Any], Any]:
 
   A float checkpoint (e.g. a pretrained base) read by a ternary model lacks the
   extra-RMSNorm gains (init 1) and the quantizers' own params, which are initialised
-  by ``ternary.fill_quant_params`` from the loaded kernels (SEQ's ``max|W|``, DLT's
-  scale), exactly as a fresh init would from those kernels.
+  by ``ternary_training.fill_quant_params`` from the loaded kernels (SEQ's ``max|W|``,
+  DLT's scale), exactly as a fresh init would from those kernels.
   """
-  from fcp_jax.models import ternary  # pylint: disable=g-import-not-at-top
+  from fcp_jax.models import ternary_training  # pylint: disable=g-import-not-at-top
 
   def fill(params):
-    return ternary.fill_quant_params(
+    return ternary_training.fill_quant_params(
         model, params, np.zeros((1, state_lib.INIT_SEQ_LEN), np.int32))
 
   return fill

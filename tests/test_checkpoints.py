@@ -203,14 +203,15 @@ def test_import_dtype_bfloat16(tmp_path):
 
 
 def test_import_into_ternary_config(tmp_path):
-  from fcp_jax.models import ternary  # pylint: disable=g-import-not-at-top
+  from fcp_jax.models import ternary_training  # pylint: disable=g-import-not-at-top
   hf_model = make_hf_model("qwen2", tie=False)
   hf_model.save_pretrained(tmp_path)
   cfg, params = hf_lib.load_hf(str(tmp_path), weight_quant="seq")
   assert "w_alpha" not in params["layers_0"]["attn"]["q_proj"]  # to be filled
   model = transformer_lib.Transformer(cfg)
   ids = random_ids((1, 12))
-  params = jax.jit(lambda p, t: ternary.fill_quant_params(model, p, t))(params, ids)
+  params = jax.jit(lambda p, t: ternary_training.fill_quant_params(model, p, t))(
+      params, ids)
   assert "w_alpha" in params["layers_0"]["attn"]["q_proj"]
   # λ = 0 is exactly the float model: the latent kernels are the checkpoint's.
   logits, _ = jax.jit(model.apply)({"params": params}, ids, qlambda=0.0)

@@ -15,7 +15,9 @@ from fcp_jax.data import tokenizer as tok_lib
 from fcp_jax.models import transformer as tfm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+# Experiment configs (configs/common.py holds their shared helpers, no get_config).
+CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
+                 if os.path.basename(p) != "common.py")
 
 
 def test_parse_arg_big_vision_style():

@@ -5,13 +5,14 @@ import re
 
 import pytest
 
+from fcp_jax.data import answers
 from fcp_jax.data import tasks
 from fcp_jax.data.tasks import TASKS, Example
 from fcp_jax.feedback import critic as critic_lib
 from fcp_jax.feedback.base import FEEDBACK_ENVS, Feedback, Query
 
 EX = Example(uid="sum-1", question="What is 3 + 4 + 5?", answer="12",
-             steps=tasks.evaluate("3+4+5")[1], task="chain_sum")
+             steps=answers.evaluate("3+4+5")[1], task="chain_sum")
 TASK_SYMBOLS = re.compile(r"[\d+\-*/=×÷#<>()$%]")
 TASK_WORDS = {"answer", "sum", "step", "steps", "number", "total", "calculate",
               "calculation", "arithmetic", "problem", "result", "final", "add", "legs",
@@ -97,7 +98,7 @@ def test_styles_and_variety_over_1000_seeded_examples(env):
     question_words = set(re.findall(r"[a-z]{4,}", q.example.question.lower()))
     assert not words & (TASK_WORDS | question_words), fb.user
     assert not re.search(r"\d|line|step", fb.reviewer.lower()), fb.reviewer
-    assert fb.correct == tasks.check_answer(q.example, q.response)
+    assert fb.correct == answers.check_answer(q.example, q.response)
 
 
 def test_same_query_same_feedback_and_seed_changes_wording(env):
@@ -152,7 +153,7 @@ def test_no_answer_verdicts_lists_exactly_what_the_critic_writes_without_answer(
   seen = set()
   for i in range(300):  # Responses with no final answer: score 0, texts from the lists.
     ex = Example(uid=f"u{i}", question=f"{i}+1=?", answer=str(i + 1),
-                 steps=tasks.evaluate(f"{i}+1")[1], task="chain_sum")
+                 steps=answers.evaluate(f"{i}+1")[1], task="chain_sum")
     fb = env.one(ex, random.Random(i).choice(["", "hmm", "let me see", "no idea"]))
     assert fb.score == 0 and fb.reviewer in reviewer and fb.user in user
     assert any(fb.critique.startswith(c[:-1]) for c in critique), fb.critique

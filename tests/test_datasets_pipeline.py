@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from fcp_jax.data import answers
+from fcp_jax.data import input_pipeline as pipeline_lib
 from fcp_jax.data import jsonl
-from fcp_jax.data import pipeline as pipeline_lib
 from fcp_jax.data import tasks
 from fcp_jax.data import tfds_builders
 from fcp_jax.data.tokenizer import IM_END, CharTokenizer
@@ -22,7 +23,7 @@ def _triples(n=24):
   out = []
   for i in range(n):
     ex = tasks.Example(uid=f"u{i}", question=f"{i}+{i}=?", answer=str(2 * i),
-                       steps=tasks.evaluate(f"{i}+{i}")[1])
+                       steps=answers.evaluate(f"{i}+{i}")[1])
     response = f"{i}+{i}={2 * i + i % 2}\n#### {2 * i + i % 2}"
     out.append(tfds_builders.triple_record(ex, ex.question, response,
                                            critic.one(ex, response)))
@@ -104,7 +105,7 @@ def test_triples_from_jsonl_with_bad_lines(tmp_path):
 
 def test_sft_pairs_and_pipeline_without_condition(tmp_path):
   examples = [tasks.Example(uid=f"s{i}", question=f"{i}+7-3=?", answer=str(i + 4),
-                            steps=tasks.evaluate(f"{i}+7-3")[1]) for i in range(12)]
+                            steps=answers.evaluate(f"{i}+7-3")[1]) for i in range(12)]
   records = [dict(uid=e.uid, question=e.question, response=tasks.reference_response(e))
              for e in examples]
   tfds_builders.build(tfds_builders.SFT, records, str(tmp_path), "warmup")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fcp_jax import evaluation as evaluate
+from fcp_jax.data import answers
 from fcp_jax.data import chat
 from fcp_jax.data import tasks
 from fcp_jax.data import tokenizer as tokenizer_lib
@@ -133,7 +134,7 @@ def _worst_verdicts():
   """The negative pool as the pipeline builds it: wrong verdicts scored <= 2."""
   critic = Critic(seed=0)
   example = tasks.Example(uid="u", question="4-9+7=?", answer="2",
-                          steps=tasks.evaluate("4-9+7")[1])
+                          steps=answers.evaluate("4-9+7")[1])
   feedback = [critic.one(example, r) for r in
               [f"#### {g}" for g in range(3, 60)] + ["4-9=-5\n-5+7=2\n#### 2"]]
   worst = ConditionPool.build(feedback, min_score=0, max_score=2, require_incorrect=True)
@@ -211,7 +212,7 @@ def test_fallback_negatives_are_the_critics_own_words():
     assert evaluate.NEGATIVE[kind] in critic.no_answer_verdicts(kind)
   assert evaluate.POSITIVE["reviewer"] in {
       Critic(seed=s).one(tasks.Example(uid="u", question="1+1=?", answer="2",
-                                       steps=tasks.evaluate("1+1")[1]),
+                                       steps=answers.evaluate("1+1")[1]),
                          "1+1=2\n#### 2").reviewer for s in range(3000)}
 
 

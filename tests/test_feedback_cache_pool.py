@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from fcp_jax.data import tasks
+from fcp_jax.data import answers
 from fcp_jax.data.tasks import Example
 from fcp_jax.feedback.base import Feedback, failed_feedback
 from fcp_jax.feedback.cache import CachedFeedbackEnv, make_env
@@ -18,7 +18,7 @@ from fcp_jax.feedback.critic import Critic
 from fcp_jax.feedback.pool import ConditionPool, EmptyPoolError
 
 EXAMPLES = [Example(uid=f"u{i}", question=f"What is {i} + 5?", answer=str(i + 5),
-                    steps=tasks.evaluate(f"{i}+5")[1]) for i in range(6)]
+                    steps=answers.evaluate(f"{i}+5")[1]) for i in range(6)]
 
 
 class CountingEnv:

@@ -146,7 +146,7 @@ def test_weight_decay_only_on_kernels(parts):
 
 @pytest.mark.slow
 def test_ternary_lambda_is_fed_per_step_without_recompiling():
-  ternary = pytest.importorskip("fcp_jax.models.ternary")
+  ternary_training = pytest.importorskip("fcp_jax.models.ternary_training")
   model, model_cfg = state_lib.build_model(
       {"variant": "tiny", "weight_quant": "absmean", "act_quant": "none"})
   opt = optim.make_optimizer(_optim_cfg(), total_steps=10, model_cfg=model_cfg)
@@ -160,7 +160,8 @@ def test_ternary_lambda_is_fed_per_step_without_recompiling():
   for _ in range(4):
     step = int(state.step)
     state, m = train_step(state, _batch())
-    expected = ternary.lambda_schedule(step, num_layers=model_cfg.num_layers, start=1,
+    expected = ternary_training.lambda_schedule(
+        step, num_layers=model_cfg.num_layers, start=1,
                                        ramp=2, stagger=1)
     seen.append(float(m["qlambda"]))
     np.testing.assert_allclose(float(m["qlambda"]), float(jnp.mean(expected)))

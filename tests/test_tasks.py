@@ -6,9 +6,11 @@ import re
 
 import pytest
 
+from fcp_jax.data import answers
 from fcp_jax.data import jsonl
 from fcp_jax.data import tasks
-from fcp_jax.data.tasks import TASKS, Example, Step
+from fcp_jax.data.answers import Step
+from fcp_jax.data.tasks import TASKS, Example
 
 CHAIN = "chain_sum(min_terms=2, max_terms=3, min_digits=1, max_digits=1)"
 STEP_LINE = re.compile(r"^-?[\d.]+(?:[-+*/]\(?-?[\d.]+\)?)+=-?[\d.]+$")
@@ -35,8 +37,8 @@ def test_train_and_eval_are_disjoint_and_references_check_out(spec):
     lines = ref.split("\n")
     assert lines[-1] == f"#### {e.answer}"
     assert all(STEP_LINE.match(line) for line in lines[:-1]), ref
-    assert tasks.check_answer(e, ref)
-    assert all(c.ok for c in tasks.find_claims(ref))
+    assert answers.check_answer(e, ref)
+    assert all(c.ok for c in answers.find_claims(ref))
 
 
 def test_gsm_symbolic_splits_by_template():
@@ -46,7 +48,7 @@ def test_gsm_symbolic_splits_by_template():
   eval_templates = {e.metadata["template"] for e in evals}
   assert train_templates and eval_templates and not train_templates & eval_templates
   for e in train + evals:
-    assert e.reference and tasks.check_answer(e, tasks.reference_response(e))
+    assert e.reference and answers.check_answer(e, tasks.reference_response(e))
 
 
 def test_compact_questions_fit_a_char_budget():
@@ -58,23 +60,23 @@ def test_compact_questions_fit_a_char_budget():
 
 
 def test_exact_steps_of_an_expression():
-  value, steps = tasks.evaluate("(2 + 3) * 4 - -6 / 3")
+  value, steps = answers.evaluate("(2 + 3) * 4 - -6 / 3")
   assert value == 22
   assert [s.text for s in steps] == ["2+3=5", "5*4=20", "-6/3=-2", "20-(-2)=22"]
   ex = Example(uid="u", question="q", answer="22", steps=steps)
   assert tasks.reference_response(ex) == "2+3=5\n5*4=20\n-6/3=-2\n20-(-2)=22\n#### 22"
   assert tasks.reference_response(ex, direct=True) == "#### 22"
-  assert tasks.check_answer(ex, tasks.reference_response(ex, direct=True))
+  assert answers.check_answer(ex, tasks.reference_response(ex, direct=True))
 
 
 def test_wrong_response_ends_off_by_delta():
-  _, steps = tasks.evaluate("4-9+7")
+  _, steps = answers.evaluate("4-9+7")
   ex = Example(uid="u", question="4-9+7=?", answer="2", steps=steps)
   assert tasks.wrong_response(ex, 1) == "4-9=-5\n-5+7=3\n#### 3"
   assert tasks.wrong_response(ex, -2, direct=True) == "#### 0"
-  assert not tasks.check_answer(ex, tasks.wrong_response(ex, 1))
+  assert not answers.check_answer(ex, tasks.wrong_response(ex, 1))
   # The slip is the last claim: every earlier claim still checks out.
-  claims = tasks.find_claims(tasks.wrong_response(ex, 1))
+  claims = answers.find_claims(tasks.wrong_response(ex, 1))
   assert [c.ok for c in claims] == [True, False]
   with pytest.raises(ValueError, match="nonzero"):
     tasks.wrong_response(ex, 0)
@@ -154,29 +156,29 @@ def test_user_jsonl_task(tmp_path):
     ("no digits here", None, None),
 ])
 def test_find_final_answer(text, answer, how):
-  assert tasks.find_final_answer(text) == (answer, how)
+  assert answers.find_final_answer(text) == (answer, how)
 
 
 def test_check_answer_numeric_and_math_verify():
   ex = Example(uid="u", question="q", answer="0.5")
-  assert tasks.check_answer(ex, "#### 0.50")
-  assert tasks.check_answer(ex, "#### 1/2")
-  assert not tasks.check_answer(ex, "#### 0.6")
-  assert not tasks.check_answer(ex, "I don't know")
-  assert tasks.check_answer(ex, "so \\boxed{\\frac{1}{2}}")  # Via math-verify.
+  assert answers.check_answer(ex, "#### 0.50")
+  assert answers.check_answer(ex, "#### 1/2")
+  assert not answers.check_answer(ex, "#### 0.6")
+  assert not answers.check_answer(ex, "I don't know")
+  assert answers.check_answer(ex, "so \\boxed{\\frac{1}{2}}")  # Via math-verify.
   with pytest.raises(ValueError, match="no reference answer"):
-    tasks.check_answer(Example(uid="v", question="q"), "#### 1")
+    answers.check_answer(Example(uid="v", question="q"), "#### 1")
 
 
 def test_find_claims():
   text = ("Natalia sold 48/2 = <<48/2=24>>24 clips.\nThen 0.2 x 50 = $10. 1,000+1=1,001\n"
           "Also (2*3)+1=8 and 10/3 = 3.33 and 5/0=3.\n3-7=-4")
-  claims = [(c.text, c.ok, c.line) for c in tasks.find_claims(text)]
+  claims = [(c.text, c.ok, c.line) for c in answers.find_claims(text)]
   assert claims == [("48/2=24", True, 1), ("0.2*50=10", True, 2), ("1000+1=1001", True, 2),
                     ("(2*3)+1=8", False, 3), ("10/3=3.33", True, 3), ("5/0=3", False, 3),
                     ("3-7=-4", True, 4)]
-  assert tasks.find_claims("a = 3 + 4 = 7")[0].text == "3+4=7"
-  assert tasks.find_claims("x = 12 and 30% = 4") == []
+  assert answers.find_claims("a = 3 + 4 = 7")[0].text == "3+4=7"
+  assert answers.find_claims("x = 12 and 30% = 4") == []
 
 
 def test_format_question_styles():

@@ -9,6 +9,7 @@ import pytest
 
 from fcp_jax.models import layers
 from fcp_jax.models import ternary
+from fcp_jax.models import ternary_training
 from fcp_jax.models import transformer
 
 WEIGHT_SPECS = [
@@ -310,19 +311,21 @@ def test_layer_options_follow_the_config():
 
 def test_lambda_schedule():
   np.testing.assert_allclose(
-      ternary.lambda_schedule(15, num_layers=3, start=10, ramp=10), [0.5] * 3)
+      ternary_training.lambda_schedule(15, num_layers=3, start=10, ramp=10), [0.5] * 3)
   np.testing.assert_allclose(
-      ternary.lambda_schedule(15, num_layers=3, start=10, ramp=10, stagger=5),
+      ternary_training.lambda_schedule(15, num_layers=3, start=10, ramp=10, stagger=5),
       [0.5, 0.0, 0.0])
   np.testing.assert_allclose(
-      ternary.lambda_schedule(27, num_layers=3, start=10, ramp=10, stagger=5),
+      ternary_training.lambda_schedule(27, num_layers=3, start=10, ramp=10, stagger=5),
       [1.0, 1.0, 0.7], rtol=1e-6)
-  np.testing.assert_array_equal(ternary.lambda_schedule(9, num_layers=2, start=10), [0, 0])
-  np.testing.assert_array_equal(ternary.lambda_schedule(10, num_layers=2, start=10), [1, 1])
-  traced = jax.jit(lambda s: ternary.lambda_schedule(s, num_layers=2, ramp=4))
+  np.testing.assert_array_equal(
+      ternary_training.lambda_schedule(9, num_layers=2, start=10), [0, 0])
+  np.testing.assert_array_equal(
+      ternary_training.lambda_schedule(10, num_layers=2, start=10), [1, 1])
+  traced = jax.jit(lambda s: ternary_training.lambda_schedule(s, num_layers=2, ramp=4))
   np.testing.assert_allclose(traced(jnp.int32(1)), [0.25, 0.25])
   with pytest.raises(ValueError, match="ramp"):
-    ternary.lambda_schedule(0, num_layers=2, ramp=-1)
+    ternary_training.lambda_schedule(0, num_layers=2, ramp=-1)
 
 
 # ------------------------------------------------------------------------ model level
@@ -345,7 +348,7 @@ def test_weight_decay_mask_only_on_kernels():
   _, model = _tiny(weight_quant="seq", act_quant="elastic", extra_rmsnorm=True,
                    qkv_bias=True, tie_embeddings=False)
   params = jax.eval_shape(model.init, jax.random.key(0), _tokens())["params"]
-  mask = ternary.weight_decay_mask(params)
+  mask = ternary_training.weight_decay_mask(params)
   flat = {"/".join(str(k.key) for k in p): bool(v) for p, v in
           jax.tree_util.tree_flatten_with_path(nn.unbox(mask))[0]}
   assert flat["layers_0/attn/q_proj/kernel"] and flat["lm_head/kernel"]
@@ -362,7 +365,7 @@ def test_quant_metrics_per_layer_unrolled_and_scanned():
   def metrics_of(model, params):
     _, state = jax.jit(lambda p: model.apply({"params": p}, tokens,
                                              mutable=["intermediates"]))(params)
-    return ternary.quant_metrics(state["intermediates"])
+    return ternary_training.quant_metrics(state["intermediates"])
 
   _, model = _tiny(weight_quant="absmean")
   params = nn.unbox(_model_init(model, tokens))
@@ -393,13 +396,14 @@ def test_float_checkpoint_loads_into_ternary_model_and_back():
   float_params = nn.unbox(_model_init(float_model, tokens))
   cfg, model = _tiny(num_layers=1, weight_quant="seq", act_quant="elastic",
                      extra_rmsnorm=True)
-  filled = ternary.fill_quant_params(model, float_params, tokens)
+  filled = ternary_training.fill_quant_params(model, float_params, tokens)
   q = filled["layers_0"]["attn"]["q_proj"]
   kernel = float_params["layers_0"]["attn"]["q_proj"]["kernel"]
   np.testing.assert_allclose(q["w_alpha"][0], np.abs(np.asarray(kernel)).max(0))
   np.testing.assert_array_equal(q["norm_scale"], np.ones(cfg.embed_dim))
   assert float(q["a_alpha"]) > 1e-5  # Initialised from the activations, not the floor.
-  assert jax.tree.structure(ternary.strip_quant_params(filled)) == jax.tree.structure(
+  assert jax.tree.structure(
+      ternary_training.strip_quant_params(filled)) == jax.tree.structure(
       float_params)
   # A parameter-free ternary model takes the float tree as is; λ=0 is the float model.
   _, absmean_model = _tiny(num_layers=1, weight_quant="absmean", act_quant="absmax_int8")

@@ -3,10 +3,10 @@
 For each (example, response) the critic
 
 1. re-evaluates every ``a op b = c`` claim of the response (``+ - * / x × ÷``, integers
-   and decimals, parentheses; see ``tasks.find_claims``) and finds the first wrong one;
+   and decimals, parentheses; see ``answers.find_claims``) and finds the first wrong one;
 2. finds the first reference intermediate value (``example.steps``) that no number of
    the response reaches;
-3. checks the final answer (``tasks.check_answer``), the final-answer marker
+3. checks the final answer (``answers.check_answer``), the final-answer marker
    ``#### <answer>``, and the length against the reference (the longer of the compact
    reference response and the reference solution text): verbose above
    ``max(verbose_ratio * reference, reference + verbose_slack)`` characters;
@@ -38,6 +38,7 @@ import random
 import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from fcp_jax.data import answers
 from fcp_jax.data import tasks
 from fcp_jax.feedback.base import FEEDBACK_ENVS, Feedback, QueryLike, as_queries
 
@@ -192,9 +193,9 @@ class Analysis:
   correct: bool
   answer: Optional[str]  # Extracted final answer.
   has_marker: bool
-  claims: Tuple[tasks.Claim, ...]
-  wrong_claim: Optional[tasks.Claim]  # First wrong claim.
-  missing: Optional[tasks.Step]  # First reference step whose value is never reached.
+  claims: Tuple[answers.Claim, ...]
+  wrong_claim: Optional[answers.Claim]  # First wrong claim.
+  missing: Optional[answers.Step]  # First reference step whose value is never reached.
   reached: int  # Reference values the response reaches.
   num_reference: int
   length: int
@@ -240,13 +241,13 @@ def analyze(example: tasks.Example, response: str, *, verbose_ratio: float = 2.5
   if example.answer is None:
     raise ValueError(f"The critic needs a reference answer; example {example.uid!r} has "
                      "none (use an LLM judge for such prompts).")
-  answer, how = tasks.find_final_answer(response)
-  claims = tuple(tasks.find_claims(response))
-  numbers = tasks.numbers_in(response)
+  answer, how = answers.find_final_answer(response)
+  claims = tuple(answers.find_claims(response))
+  numbers = answers.numbers_in(response)
   missing, reached = None, 0
   for step in example.steps:
-    value = tasks.parse_number(step.value)
-    if value is not None and any(tasks.number_matches(w, value, v) for w, v in numbers):
+    value = answers.parse_number(step.value)
+    if value is not None and any(answers.number_matches(w, value, v) for w, v in numbers):
       reached += 1
     elif missing is None:
       missing = step
@@ -255,7 +256,7 @@ def analyze(example: tasks.Example, response: str, *, verbose_ratio: float = 2.5
   length = len(response.strip())
   limit = max(verbose_ratio * reference_length, reference_length + verbose_slack)
   return Analysis(
-      correct=tasks.check_answer(example, response), answer=answer,
+      correct=answers.check_answer(example, response), answer=answer,
       has_marker=how == "marker", claims=claims,
       wrong_claim=next((c for c in claims if not c.ok), None), missing=missing,
       reached=reached, num_reference=len(example.steps), length=length,
@@ -295,7 +296,7 @@ def _fields(a: Analysis) -> Dict[str, object]:
       line=wrong.line if wrong else "", claim=wrong.text if wrong else "",
       expr=wrong.expr if wrong else "",
       true=("undefined (division by zero)" if wrong and wrong.value is None else
-            tasks.format_number(wrong.value) if wrong else ""),
+            answers.format_number(wrong.value) if wrong else ""),
       step=missing.text if missing else "", value=missing.value if missing else "",
       missing_note=f" The first missing step is {missing.text}." if missing else "")
 

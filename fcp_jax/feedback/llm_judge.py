@@ -9,7 +9,7 @@ One request per (example, response) asks for the published feedback sections
     ### Score (0-10): ...
 
 They map to ``Feedback(user=..., critique=<analysis>, reviewer=<summary>, score=...)``;
-``correct`` comes from the task checker (``tasks.check_answer``) when the example has a
+``correct`` comes from the task checker (``answers.check_answer``) when the example has a
 reference answer, else from ``score >= correct_threshold``.
 
 Transport (``openai`` 3.x over ``httpx2``, as installed; checked against its source):
@@ -65,7 +65,7 @@ import httpx2
 import openai
 from absl import logging
 
-from fcp_jax.data import tasks
+from fcp_jax.data import answers
 from fcp_jax.feedback.base import (FEEDBACK_ENVS, Feedback, Query, QueryLike, as_queries,
                                    failed_feedback)
 
@@ -393,7 +393,7 @@ class LLMJudge:
 
   def _correct(self, query: Query, score: Optional[int]) -> bool:
     if query.example.answer is not None:
-      return tasks.check_answer(query.example, query.response)
+      return answers.check_answer(query.example, query.response)
     return score is not None and score >= self.correct_threshold
 
   def feedback_stream(self, batch: Sequence[QueryLike]) -> Iterator[Tuple[int, Feedback]]:

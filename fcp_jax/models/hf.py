@@ -183,7 +183,7 @@ def _check_paths(cfg: TransformerConfig, have: Iterable[Path], plan: Dict[str, S
         f"{what}: parameters do not match the Llama/Qwen2 layout. "
         f"Without a Hugging Face counterpart: {[_fmt(p) for p in extra][:8]}; "
         f"missing: {[_fmt(p) for p in missing][:8]}. (Ternary-only parameters: use "
-        f"ternary.strip_quant_params / fill_quant_params; extra_rmsnorm="
+        f"ternary_training.strip_quant_params / fill_quant_params; extra_rmsnorm="
         f"{cfg.extra_rmsnorm}, subln={cfg.subln} add norms no Llama/Qwen2 model has.)")
 
 
@@ -197,7 +197,7 @@ class _ParamBuilder:
 
   Ternary-only parameters of a quantizing config (``w_alpha``, ``a_alpha``, ...) have
   no checkpoint counterpart and are left out: add them with
-  ``ternary.fill_quant_params``.
+  ``ternary_training.fill_quant_params``.
   """
 
   def __init__(self, cfg: TransformerConfig, shardings: Any = None):
@@ -443,7 +443,7 @@ def load_hf(path: str, *, dtype: Any = "float32", scan_layers: bool = False,
     **cfg_overrides: further ``TransformerConfig`` fields (e.g. ``remat``,
       ``weight_quant``, ``rope_style="interleaved"``). A quantizing config gets the
       float weights as its latent kernels; its ternary-only parameters (``w_alpha``,
-      ...) are absent: add them with ``ternary.fill_quant_params``.
+      ...) are absent: add them with ``ternary_training.fill_quant_params``.
   """
   where = os.path.join(path, CONFIG_FILE)
   cfg = config_from_hf(read_hf_config(path), where)
@@ -503,7 +503,7 @@ def save_hf(path: str, cfg: TransformerConfig, params: Any, tokenizer=None, *,
   """
   if cfg.weight_quant != "none" or cfg.act_quant != "none":
     raise ValueError("save_hf exports float models. For the latent weights of a ternary "
-                     "model pass ternary.strip_quant_params(params) and "
+                     "model pass ternary_training.strip_quant_params(params) and "
                      "cfg.replace(weight_quant='none', act_quant='none').")
   family = family or ("qwen2" if cfg.qkv_bias else "llama")
   plan = hf_param_plan(cfg)

@@ -171,7 +171,7 @@ def export_layer(layer: Dict[str, Any], info: LayerInfo) -> Dict[str, np.ndarray
   missing = [n for n in qnames if n not in layer]
   if missing:
     raise KeyError(f"export_layer: {info.weight_quant!r} needs params {missing}; run "
-                   "ternary.fill_quant_params on a float checkpoint first.")
+                   "ternary_training.fill_quant_params on a float checkpoint first.")
   q = _quantize_fn(wq, kernel.ndim - 2)(kernel, {n: jnp.asarray(layer[n]) for n in qnames})
   n = kernel.shape[-1]
   out = {"codes": pack_codes(np.asarray(q.codes).astype(np.int8)),

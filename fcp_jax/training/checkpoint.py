@@ -411,9 +411,10 @@ def restore_params(path: str, abstract_params: Any, step: Optional[int] = None, 
     abstract_params: ``ShapeDtypeStruct`` tree (with shardings) of this model's params.
     step: the step to read (default: ``STEP`` from the path, else the latest).
     fill_missing: ``params -> params`` completing a tree that lacks only ternary-only
-      parameters (``ternary.QUANT_PARAM_NAMES``), e.g. ``ternary.fill_quant_params``
-      when a float checkpoint starts an extra-RMSNorm ternary model. Its output is
-      placed with ``abstract_params``' shardings.
+      parameters (``ternary.QUANT_PARAM_NAMES``), e.g.
+      ``ternary_training.fill_quant_params`` when a float checkpoint starts an
+      extra-RMSNorm ternary model. Its output is placed with ``abstract_params``'
+      shardings.
 
   Raises:
     FileNotFoundError: no such directory or no complete checkpoint in it.
@@ -471,7 +472,8 @@ def restore_params(path: str, abstract_params: Any, step: Optional[int] = None, 
               f"parameters of the model, e.g. "
               f"{(others or [_fmt(p) for p in missing])[:6]}"
               + ("" if others else "; these are ternary-only parameters, which a caller "
-                 "fills with fill_missing (e.g. ternary.fill_quant_params)") + ".")
+                 "fills with fill_missing "
+                 "(e.g. ternary_training.fill_quant_params)") + ".")
         target = {"params": _without(abstract_params, missing)}
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         try:

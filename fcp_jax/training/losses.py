@@ -1,6 +1,6 @@
 """Training losses: masked next-token NLL (SFT, RFT, FCP) and GRPO, by registry name.
 
-Batch format (host pipeline, ``fcp_jax/data/pipeline.py``)::
+Batch format (host pipeline, ``fcp_jax/data/input_pipeline.py``)::
 
     tokens      [B, T] int32
     positions   [B, T] int32

@@ -42,7 +42,7 @@ import numpy as np
 from fcp_jax import config_lib
 from fcp_jax import distributed
 from fcp_jax import policy as policy_lib
-from fcp_jax.data import pipeline as pipeline_lib
+from fcp_jax.data import input_pipeline as pipeline_lib
 from fcp_jax.data import tfds_builders
 from fcp_jax.registry import Registry
 from fcp_jax.training import checkpoint as checkpoint_lib
@@ -225,10 +225,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   policy_lib.check_vocab(tok, tr.model_cfg)
   quant_probe = None
   if tr.model_cfg.weight_quant != "none":
-    from fcp_jax.models import ternary  # pylint: disable=g-import-not-at-top
+    from fcp_jax.models import ternary_training  # pylint: disable=g-import-not-at-top
     probe = par.jit_replicated(step_lib.make_quant_probe(tr.model,
                                                          qlambda_fn=tr.qlambda_fn))
-    quant_probe = lambda params, step: ternary.quant_metrics(
+    quant_probe = lambda params, step: ternary_training.quant_metrics(
         jax.device_get(probe(params, np.int32(step))))
 
   def evaluate(params, step: int) -> Dict[str, float]:

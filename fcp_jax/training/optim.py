@@ -16,8 +16,9 @@ becomes ``stage2_weight_decay`` (0 in BitNet). LR and WD go through
 recompile.
 
 Weight decay applies only where ``weight_decay_mask`` says so: for ternary models
-``ternary.weight_decay_mask`` (latent dense kernels only), otherwise every ``kernel``
-leaf (dense layers and the untied LM head; never embeddings, norm gains or biases).
+``ternary_training.weight_decay_mask`` (latent dense kernels only), otherwise every
+``kernel`` leaf (dense layers and the untied LM head; never embeddings, norm gains or
+biases).
 """
 
 import dataclasses
@@ -111,8 +112,8 @@ def kernels_only_mask(params: Any) -> Any:
 def weight_decay_mask(model_cfg: Any) -> Callable[[Any], Any]:
   """The decay mask function for this model: ternary-aware when it quantizes."""
   if getattr(model_cfg, "weight_quant", "none") != "none":
-    from fcp_jax.models import ternary  # pylint: disable=g-import-not-at-top
-    return ternary.weight_decay_mask
+    from fcp_jax.models import ternary_training  # pylint: disable=g-import-not-at-top
+    return ternary_training.weight_decay_mask
   return kernels_only_mask
 
 

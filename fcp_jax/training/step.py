@@ -22,7 +22,7 @@ i+k, i+2k, ...`` so every data shard contributes to every micro-batch) and runs 
 a ``lax.scan`` that sums the gradients of the loss *numerators*; dividing by the
 full-batch denominator afterwards makes the update equal to the full-batch update.
 
-The ternary blend ``qlambda`` [L] comes from ``ternary.lambda_schedule`` at
+The ternary blend ``qlambda`` [L] comes from ``ternary_training.lambda_schedule`` at
 ``state.step`` (a traced value: the schedule never recompiles); float models get
 ``None``. The step RNG is ``fold_in(state.rng, state.step)``.
 """
@@ -49,18 +49,19 @@ def make_qlambda_fn(model_cfg: Any, quant_cfg: Optional[Mapping[str, Any]] = Non
   """``step -> qlambda [L]`` for ternary models (``None`` for float models).
 
   ``quant_cfg`` holds ``lambda_start``, ``lambda_ramp`` and ``lambda_stagger`` (steps),
-  the arguments of ``ternary.lambda_schedule``.
+  the arguments of ``ternary_training.lambda_schedule``.
   """
   if getattr(model_cfg, "weight_quant", "none") == "none":
     return lambda step: None
-  from fcp_jax.models import ternary  # pylint: disable=g-import-not-at-top
+  from fcp_jax.models import ternary_training  # pylint: disable=g-import-not-at-top
   quant_cfg = dict(quant_cfg or {})
   kwargs = dict(start=int(quant_cfg.get("lambda_start", 0)),
                 ramp=int(quant_cfg.get("lambda_ramp", 0)),
                 stagger=int(quant_cfg.get("lambda_stagger", 0)))
 
   def qlambda(step):
-    return ternary.lambda_schedule(step, num_layers=model_cfg.num_layers, **kwargs)
+    return ternary_training.lambda_schedule(step, num_layers=model_cfg.num_layers,
+                                            **kwargs)
 
   return qlambda
 
@@ -227,7 +228,7 @@ def make_quant_probe(model, *, qlambda_fn: Optional[QLambdaFn] = None,
 
   The monitored values (zero fraction, code histogram, mean scale of each quantized
   kernel) depend on the weights only, so the probe runs the model on a dummy batch of
-  one row; ``ternary.quant_metrics`` turns the result into scalars on the host.
+  one row; ``ternary_training.quant_metrics`` turns the result into scalars on the host.
   """
   qlambda_fn = qlambda_fn or (lambda step: None)
 
