@@ -140,11 +140,11 @@ def get_config(arg=None):
     config.data.update(train_size=96, validation_size=16, eval_size=32,
                        direct_fraction=0.25,
                        warmup_conditions=0.25)
-    for name in ("warmup", "offline", "rft"):
-      stage = config[name]
-      stage.update(total_steps=6 if name == "warmup" else 0, batch_size=8, log_every=3)
-      stage.eval.update(every=3, batch_size=8, max_batches=1)
-      stage.checkpoint.every = 3
+    for name in ("warmup", "offline", "rft"):  # Offline FCP and RFT: steps from budget.
+      config[name].update(batch_size=8, log_every=3)
+      config[name].eval.update(batch_size=8, max_batches=1)
+    config.warmup.total_steps = 6
+    config.warmup.eval.every = config.warmup.checkpoint.every = 3
     config.warmup.quant.lambda_ramp = 2 if arg.ternary else 0
     config.collect.update(prompts=24, num_samples=4, pairs=1, max_new_tokens=12,
                           batch_prompts=24, eval_fraction=0.2, pool_min_score=0,
