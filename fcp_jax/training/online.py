@@ -23,12 +23,12 @@ One round (a "bootstrap step"):
    clipped ratio stays relative to the sampler's log-probs), or, with
    ``online.train_tokens``, for as many updates as bring the input tokens trained on so
    far nearest ``rounds done x train_tokens / rounds`` (a training-token budget). No
-   reference model, no KL
-   for FCP; GRPO with ``kl_coef`` > 0 adds the k3 KL to the starting policy, whose
-   log-probs are computed on the round's rows. Logged per round: the NLL of the round's rows before and after
-   its updates (``rollout/batch_nll_before``, ``_after``), the share of correct rollouts
-   and the mean feedback score; ``train/tokens``, ``train/input_tokens`` and
-   ``train/updates`` are the round's sums (``metrics.training_budget``).
+   reference model, no KL for FCP; GRPO with ``kl_coef`` > 0 adds the k3 KL to the
+   starting policy, whose log-probs are computed on the round's rows. Logged per
+   round: the NLL of the round's rows before and after its updates
+   (``rollout/batch_nll_before``, ``_after``), the share of correct rollouts and the
+   mean feedback score; ``train/tokens``, ``train/input_tokens`` and ``train/updates``
+   are the round's sums (``metrics.training_budget``).
 
 The round state (round, prompt cursor, RNG key, pool) is stored with the model in the
 same orbax step (``Checkpointer`` extra item ``online``); every random choice is derived
