@@ -169,12 +169,12 @@ SEEDS = (0, 1, 2)
 TUNING = {
     "tune_fcp": dict(methods=("offline_fcp", "fcp_bootstrap"), grid={
         "offline.optim.lr": (3e-4, 1e-3, 3e-3),
-        "bootstrap.lr_factor": (0.02, 0.2)}),
+        "bootstrap.lr_factor": (0.005, 0.02, 0.2)}),
     "tune_rft": dict(methods=("rft",), grid={
         "rft.optim.lr": (3e-4, 1e-3, 3e-3),
         "rft.objective": ("'rft_null'", "'rft_null(min_score=8)'")}),
     "tune_grpo": dict(methods=("grpo",), grid={
-        "grpo.optim.lr": (1e-5, 3e-5, 1e-4, 3e-4),
+        "grpo.optim.lr": (3e-6, 1e-5, 3e-5, 1e-4, 3e-4),
         "grpo.loss": ("'grpo(clip_eps=0.2)'", "'grpo(clip_eps=0.2, kl_coef=0.05)'")}),
 }
 # Reported families: seeds x arms of the default config, evaluated on the test split.
