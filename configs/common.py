@@ -45,11 +45,13 @@ def offline_stage(*, objective: str, steps: int, batch: int, lr: float, max_len:
   With ``pack`` each of the ``batch`` rows holds as many whole sequences as fit in
   ``max_len`` (first fit). Checkpoints ``checkpoints`` times and evaluates ``evals``
   times (``eval_batches`` batches) per run, so a killed stage resumes. ``steps=0``: the
-  pipeline derives them from ``budget.train_tokens``. ``optim_args``: ``optim``'s
-  keyword arguments.
+  pipeline derives them from ``budget.train_tokens``, and the cadences from those steps
+  (``checkpoint.every`` / ``eval.every`` None; a number set over it is kept).
+  ``optim_args``: ``optim``'s keyword arguments.
   """
-  c = config_lib.stage_fields(log_every=log_every,
-                              checkpoint_every=max(steps // checkpoints, 1), keep=keep)
+  every = lambda times: max(steps // times, 1) if steps else None
+  c = config_lib.stage_fields(log_every=log_every, checkpoint_every=every(checkpoints),
+                              keep=keep)
   c.objective = objective
   c.total_steps = steps
   c.batch_size = batch
@@ -59,7 +61,7 @@ def offline_stage(*, objective: str, steps: int, batch: int, lr: float, max_len:
   c.data = ml_collections.ConfigDict(dict(
       data_dir="", name=data_name, train_split="train", eval_split="eval",
       max_len=max_len, pack=pack, overflow="truncate", num_workers=0))
-  c.eval = ml_collections.ConfigDict(dict(every=max(steps // evals, 1), batch_size=batch,
+  c.eval = ml_collections.ConfigDict(dict(every=every(evals), batch_size=batch,
                                           max_batches=eval_batches))
   return c
 

@@ -142,7 +142,8 @@ DERIVED = {
 RELATIVE_LR = {"bootstrap": "offline"}
 
 
-def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+def get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+  """``config`` at a dotted key (``"checkpoint.every"``)."""
   node = config
   for part in dotted.split("."):
     node = node[part]
@@ -160,7 +161,7 @@ def _has(config: ml_collections.ConfigDict, dotted: str) -> bool:
 
 def shared_value(config: ml_collections.ConfigDict, key: str) -> Any:
   """The value of shared ``key`` that stages get (``data.task_seed=None``: the seed)."""
-  value = _get(config, key)
+  value = get(config, key)
   if key == "data.task_seed" and value is None:
     return int(config.seed)  # No task seed of its own: the experiment's seed.
   if isinstance(value, ml_collections.ConfigDict):

@@ -93,6 +93,8 @@ METHOD_CHAINS = {"warmup": ("warmup",), "offline_fcp": ("collect", "offline_fcp"
 # (``token_targets``); offline FCP is the first part of FCP+bootstrap.
 MATCHED_METHODS = ("fcp_bootstrap", "rft", "grpo", "rft_grpo")
 BUDGET_TOLERANCE = 0.1  # A matched method's tokens may differ from the budget by 10%.
+# Cadence key -> times per run of a budgeted offline stage that leaves the key None.
+BUDGET_CADENCE = {"checkpoint.every": 5, "eval.every": 2}
 
 
 # ---------------------------------------------------------------------------------------
@@ -498,15 +500,16 @@ def with_token_steps(cfg: ml_collections.ConfigDict, tokens: float
                      ) -> ml_collections.ConfigDict:
   """An offline stage's ``cfg`` with as many steps as consume ``tokens`` (0: as set).
 
-  Under a budget the stage's ``total_steps`` is 0 (``check_budget``); it checkpoints
-  every fifth of its derived steps and evaluates at half and end.
+  Under a budget the stage's ``total_steps`` is 0 (``check_budget``); a cadence left
+  None (``checkpoint.every``, ``eval.every``) becomes ``BUDGET_CADENCE`` times per run.
   """
   if not tokens:
     return cfg
   steps = offline.steps_for_tokens(cfg, tokens)
   logging.info("Token budget %s: %d steps.", f"{tokens:,.0f}", steps)
-  return _with(cfg, total_steps=steps, **{"checkpoint.every": max(steps // 5, 1),
-                                          "eval.every": max(steps // 2, 1)})
+  cadence = {key: max(steps // times, 1) for key, times in BUDGET_CADENCE.items()
+             if config_lib.get(cfg, key) is None}
+  return _with(cfg, total_steps=steps, **cadence)
 
 
 def online_samples(config: ml_collections.ConfigDict) -> int:
@@ -732,7 +735,8 @@ BUDGETED_OFFLINE = ("offline", "rft")
 
 def check_budget(config: ml_collections.ConfigDict):
   """Under ``budget.train_tokens`` the budgeted offline stages' ``total_steps`` is 0
-  (derived); without it, it is their length. Anything else names both settings."""
+  (derived); without it, it is their length and their cadences are numbers. Anything
+  else names the settings."""
   tokens = config.budget.train_tokens
   for name in BUDGETED_OFFLINE:
     steps = config[name].total_steps
@@ -743,6 +747,10 @@ def check_budget(config: ml_collections.ConfigDict):
     if not tokens and not steps:
       raise ValueError(f"config.{name}.total_steps=0 takes its steps from config.budget."
                        "train_tokens, which is 0; set one of them.")
+    for key in BUDGET_CADENCE:
+      if not tokens and config_lib.get(config[name], key) is None:
+        raise ValueError(f"config.{name}.{key}=None follows the steps that config."
+                         "budget.train_tokens gives, which is 0; set a number of steps.")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,

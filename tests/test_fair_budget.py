@@ -126,4 +126,24 @@ def test_budgeted_stages_take_their_steps_from_the_budget_or_name_both():
   with pytest.raises(ValueError, match="offline.total_steps=0 takes its steps"):
     experiment.check_budget(config)
   config_lib.apply_overrides(config, ["offline.total_steps=4"])
-  experiment.check_budget(config)  # No budget: each stage's own length.
+  with pytest.raises(ValueError, match=r"offline.checkpoint.every=None follows the st"):
+    experiment.check_budget(config)  # A derived cadence needs the budget's steps.
+  config_lib.apply_overrides(config, [f"{name}.{key}=2" for name in ("offline", "rft")
+                                      for key in experiment.BUDGET_CADENCE])
+  experiment.check_budget(config)  # No budget: each stage's own length and cadence.
+
+
+def test_budgeted_cadence_follows_the_steps_unless_set(tmp_path):
+  data_dir = test_train_driver.build_triples(str(tmp_path / "tfds"))
+  cfg = test_train_driver.local_config(data_dir)
+  cfg.checkpoint.every = cfg.eval.every = None  # As the budgeted stages leave them.
+  steps = offline.steps_for_tokens(cfg, 12000)
+  assert steps >= 10
+  out = experiment.with_token_steps(cfg, 12000)
+  assert (out.total_steps, out.checkpoint.every, out.eval.every) == (
+      steps, steps // 5, steps // 2)
+  cfg.checkpoint.every = 3  # Set over the derived cadence: kept.
+  out = experiment.with_token_steps(cfg, 12000)
+  assert (out.checkpoint.every, out.eval.every) == (3, steps // 2)
+  defaults = config_lib.load_config(ARITH)
+  assert defaults.offline.checkpoint.every is None and defaults.rft.eval.every is None
