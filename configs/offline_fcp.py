@@ -41,9 +41,10 @@ def get_config(arg=None):
   config.model = ml_collections.ConfigDict(dict(
       variant=arg.variant, weight_quant="none", act_quant="none", vocab_size=None,
       dtype=None, scan_layers=None, remat=None))
-  # Ternary λ warm-up (ternary_training.lambda_schedule arguments, in steps).
+  # Ternary λ warm-up (ternary_training.lambda_schedule arguments, in steps); elastic
+  # activation steps of a fresh model set from the first train batch.
   config.quant = ml_collections.ConfigDict(dict(
-      lambda_start=0, lambda_ramp=0, lambda_stagger=0))
+      lambda_start=0, lambda_ramp=0, lambda_stagger=0, act_alpha_from_data=True))
   config.loss = "nll(aggregation='token-mean')"   # losses.LOSSES
 
   config.optim = common.optim(1e-3)

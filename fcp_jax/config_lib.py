@@ -173,10 +173,12 @@ def stage_fields(*, log_every: int, checkpoint_every: int, keep: int
                  ) -> ml_collections.ConfigDict:
   """The fields every training stage of a pipeline config has besides ``DERIVED`` ones:
   logging, ``init_from`` (filled by the pipeline), plots, the λ schedule (λ = 1: the
-  warm-up ramps it) and checkpointing."""
+  warm-up ramps it), whether elastic activation steps start from the first batch
+  (``act_alpha_from_data``) and checkpointing."""
   return ml_collections.ConfigDict(dict(
       log_every=log_every, init_from="", plots=True,
-      quant=dict(lambda_start=0, lambda_ramp=0, lambda_stagger=0),
+      quant=dict(lambda_start=0, lambda_ramp=0, lambda_stagger=0,
+                 act_alpha_from_data=True),
       checkpoint=dict(every=checkpoint_every, keep=keep, async_save=False)))
 
 

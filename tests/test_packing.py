@@ -108,7 +108,8 @@ def test_dequantized_export_equals_fake_quant_at_lambda_one(spec):
   np.testing.assert_array_equal(packing.dequantize_layer(packed, K), np.asarray(w_hat))
   if bias is not None:
     np.testing.assert_array_equal(packed["deadzone_bias"], np.asarray(bias))
-  scale_ndim = {"tensor": 0, "channel": 1, "shard": 1, "group": 2}[wq.granularity]
+  a, b = wq.blocks((K, N))  # [] per tensor, [N] with one row of stats, else [a, N].
+  scale_ndim = 0 if a == b == 1 else 1 if a == 1 else 2
   assert packed["scale"].ndim == scale_ndim and packed["scale"].dtype == np.float32
 
 

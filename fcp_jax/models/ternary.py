@@ -169,8 +169,10 @@ class WeightQuantizer:
     if self.granularity == "group":
       g = min(self.group_size, k)
       if k % g:
-        raise ValueError(f"{self.method}: input dim K={k} is not a multiple of "
-                         f"group_size={g}.")
+        valid = [d for d in range(1, k + 1) if k % d == 0]
+        raise ValueError(f"{self.method}(group_size={g}): the input dim K={k} is not a "
+                         f"multiple of the group size; valid group_size values (the "
+                         f"divisors of K) are {valid}, or granularity='channel'.")
       return k // g, n
     dim = shape[self.shard_axis]
     if dim % self.shards:
@@ -284,12 +286,12 @@ class SEQ(WeightQuantizer):
   """ParetoQ stretched elastic quant: learnable α (init max|W|), levels {-⅔, 0, ⅔}·α.
 
   u = clip(W/α, ±c); T = round(1.5 u); Ŵ = ⅔ α T. α's gradient is scaled by
-  1/sqrt(K N). ``grad="autodiff"`` gives the LSQ gradients (±⅔ outside the clip);
-  ``grad="paretoq"`` is ParetoQ's own backward (±1 outside) through ``custom_vjp``.
+  1/sqrt(K N). ``grad="paretoq"`` (default) is ParetoQ's own backward (±1 outside the
+  clip) through ``custom_vjp``; ``grad="autodiff"`` gives the LSQ gradients (±⅔).
   """
   granularity: str = "channel"
   clip: float = 0.99
-  grad: str = "autodiff"
+  grad: str = "paretoq"
   method: ClassVar[str] = "seq"
 
   def __post_init__(self):
@@ -355,9 +357,10 @@ class DLT(WeightQuantizer):
   """TernaryLLM dual learnable ternarization: Ŵ = α T + γ with learnable α, γ.
 
   T = sign(W) 1[|W| > δ mean|W|] (no gradient); α starts at TWN's scale, γ at 0.
-  Gradients: ∂Ŵ/∂α = T, ∂Ŵ/∂γ = 1, identity for W.
+  Gradients: ∂Ŵ/∂α = T, ∂Ŵ/∂γ = 1, identity for W. Groupwise (G = 128 along K) by
+  default, as in the paper.
   """
-  granularity: str = "channel"
+  granularity: str = "group"
   delta: float = 0.7
   method: ClassVar[str] = "dlt"
 
@@ -417,9 +420,15 @@ class Tequila(WeightQuantizer):
 
 
 class IntActs(NamedTuple):
-  """Integer activations for the packed path: ``x̂ = q / div``."""
+  """Integer activations for the packed path: ``x̂ = q / div (+ offset)``."""
   q: Array    # [..., K] int8
   div: Array  # [..., 1] or [] f32
+  offset: Optional[Array] = None  # [] f32: TBT's unsigned min-shift
+
+  def value(self) -> Array:
+    """The dequantized activations x̂ [..., K] f32."""
+    x = self.q.astype(jnp.float32) / self.div
+    return x if self.offset is None else x + self.offset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -481,11 +490,16 @@ class AbsMaxInt8(ActQuantizer):
 @ACT_QUANTIZERS.register("elastic")
 @dataclasses.dataclass(frozen=True)
 class Elastic(ActQuantizer):
-  """LSQ with a learnable per-layer step α (``a_alpha``): x̂ = α r(clip(x/α, Qn, Qp)).
+  """TBT's elastic (LSQ) activations, learnable per-layer step α (``a_alpha``).
 
-  Signed ≤ 2 bits uses {-1, 0, 1}; signed b bits [-2^(b-1), 2^(b-1)-1]; unsigned
-  [0, 2^b - 1]. α's gradient is scaled by 1/sqrt(numel(x) Qp). α is initialised from
-  the batch seen by ``init``: 2 mean|x| / sqrt(Qp) (signed) or 4 mean|x| / sqrt(Qp).
+  Signed:   x̂ = α clip(round(x/α), Qn, Qp), [Qn, Qp] = [-1, 1] at 2 bits,
+            [-2^(b-1), 2^(b-1)-1] above; 1 bit is x̂ = α sign(x).
+  Unsigned: x̂ = α clip(round((x-m)/α), 0, Qp) + m with the dynamic min-shift
+            m = sg(min x) over the tensor; Qp = 2 at 2 bits, else 2^b - 1 (1 bit: m = 0).
+  ∂x̂/∂x = 1[Qn ≤ (x-m)/α ≤ Qp]; α gets the LSQ gradient (1 bit: Σ sign(x)) scaled by
+  1/sqrt(numel(x) Qp). α is initialised from the layer's input x as TBT's
+  ``AlphaInit``: 2 mean|x| / sqrt(max(2^(b-1)-1, 1)) signed, 4 mean|x| / sqrt(2^b-1)
+  unsigned. ``ternary_training.init_act_alphas`` redoes it from a real batch.
   """
   bits: int = 8
   signed: bool = True
@@ -499,55 +513,68 @@ class Elastic(ActQuantizer):
 
   @property
   def levels(self) -> Tuple[int, int]:
+    """(Qn, Qp) of the codes."""
     if not self.signed:
-      return 0, 2 ** self.bits - 1
+      return 0, 2 if self.bits == 2 else 2 ** self.bits - 1
     if self.bits <= 2:
       return -1, 1
     return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+
+  @property
+  def binary(self) -> bool:
+    return self.signed and self.bits == 1
 
   def param_shapes(self):
     return {"a_alpha": ()}
 
   def init_params(self, x):
-    c = 2.0 if self.signed else 4.0
-    alpha = c * jnp.mean(jnp.abs(x.astype(jnp.float32))) / math.sqrt(self.levels[1])
+    c, qp = (2.0, max(2 ** (self.bits - 1) - 1, 1)) if self.signed else (
+        4.0, 2 ** self.bits - 1)
+    alpha = c * jnp.mean(jnp.abs(x.astype(jnp.float32))) / math.sqrt(qp)
     return {"a_alpha": jnp.maximum(alpha, self.eps)}
 
   def _alpha(self, qparams):
     return jnp.maximum(qparams["a_alpha"].astype(jnp.float32), self.eps)
 
+  def _shift(self, x):
+    """TBT's min-shift m (unsigned, > 1 bit), constant to the gradient; else 0."""
+    return sg(jnp.min(x)) if not self.signed and self.bits > 1 else jnp.float32(0.0)
+
   def fake_quant(self, x, qparams, lam):
     qn, qp = self.levels
     g = 1.0 / math.sqrt(x.size * qp)
-    return blend(x, _lsq(x, self._alpha(qparams), qn, qp, g), lam)
+    m = self._shift(x)
+    return blend(x, _lsq(x - m, self._alpha(qparams), qn, qp, g, self.binary) + m, lam)
 
   def int_quantize(self, x, qparams):
     qn, qp = self.levels
-    alpha = self._alpha(qparams)
-    codes = jnp.round(jnp.clip(x / alpha, qn, qp)).astype(jnp.int8)
-    return IntActs(codes, 1.0 / alpha)
+    alpha, m = self._alpha(qparams), self._shift(x)
+    codes = jnp.sign(x) if self.binary else jnp.round(jnp.clip((x - m) / alpha, qn, qp))
+    offset = None if self.signed or self.bits == 1 else m
+    return IntActs(codes.astype(jnp.int8), 1.0 / alpha, offset)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _lsq(x: Array, alpha: Array, qn: int, qp: int, g: float) -> Array:
-  """α clip(round(x/α), Qn, Qp) with the LSQ gradients in one fused backward pass.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _lsq(x: Array, alpha: Array, qn: int, qp: int, g: float, binary: bool) -> Array:
+  """α clip(round(x/α), Qn, Qp) (``binary``: α sign(x)) with the LSQ gradients.
 
   Same values as autodiff through ``gs(α, g) r(clip(x / gs(α, g)))``: ∂/∂x = 1[inside];
-  ∂/∂α = g Σ δ (round(u) - u) inside, g Σ δ Qn or Qp outside.
+  ∂/∂α = g Σ δ (round(u) - u) inside, g Σ δ Qn or Qp outside (``binary``: g Σ δ sign(x)).
   """
-  return alpha * jnp.clip(jnp.round(x / alpha), qn, qp)
+  return alpha * (jnp.sign(x) if binary else jnp.clip(jnp.round(x / alpha), qn, qp))
 
 
-def _lsq_fwd(x, alpha, qn, qp, g):
-  return _lsq(x, alpha, qn, qp, g), (x, alpha)
+def _lsq_fwd(x, alpha, qn, qp, g, binary):
+  return _lsq(x, alpha, qn, qp, g, binary), (x, alpha)
 
 
-def _lsq_bwd(qn, qp, g, res, ct):
+def _lsq_bwd(qn, qp, g, binary, res, ct):
   x, alpha = res
   u = x / alpha
   levels = jnp.clip(jnp.round(u), qn, qp)
   inside = (u >= qn) & (u <= qp)
-  d_alpha = g * jnp.sum(ct * jnp.where(inside, levels - u, levels))
+  d_u = jnp.sign(u) if binary else jnp.where(inside, levels - u, levels)
+  d_alpha = g * jnp.sum(ct * d_u)
   return jnp.where(inside, ct, 0.0), d_alpha.astype(alpha.dtype)
 
 
@@ -702,11 +729,14 @@ class TernaryDense(nn.Module):
     codes = unpack_codes(get("codes"), x32.shape[-1])  # [K, N] int8
     acts = aq.int_quantize(x32, aparams)
     y = packed_matmul(x32, codes, get("scale"), acts, self.precision)  # [..., N]
+    if acts is not None and acts.offset is not None:  # Min-shift: m Σ_i Ŵ_i.
+      ones = jnp.ones((1, codes.shape[0]), jnp.float32)
+      y = y + acts.offset * packed_matmul(ones, codes, get("scale"), None)[0]
     if self.has_variable("params", "shift"):  # DLT: γ Σ_i x̂_i per group.
       shift = get("shift")
       shift = shift.reshape((-1, self.features) if shift.ndim == 2 else (1, -1))
       a = shift.shape[0]
-      x_hat = x32 if acts is None else acts.q.astype(jnp.float32) / acts.div
+      x_hat = x32 if acts is None else acts.value()
       sums = x_hat.reshape(*x_hat.shape[:-1], a, -1).sum(-1)  # [..., a]
       y = y + jnp.einsum("...a,an->...n", sums, jnp.broadcast_to(
           shift, (a, self.features)), precision=jax.lax.Precision.HIGHEST)

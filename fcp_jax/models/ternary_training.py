@@ -4,17 +4,22 @@ The layer itself (``TernaryDense``, the quantizers, the straight-through estimat
 ``fcp_jax.models.ternary``; this module holds what the training code builds around it:
 the per-layer λ warm-up (``lambda_schedule``), the optimizer's weight-decay mask, the
 float ↔ ternary parameter conversions of checkpoints (``strip_quant_params``,
-``fill_quant_params``) and the flattening of the sown monitoring values
-(``quant_metrics``). ``docs/ternary_methods.md`` §2.4 describes the schedule and mask.
+``fill_quant_params``), the data-dependent init of elastic steps (``init_act_alphas``),
+the flattening of the sown monitoring values (``quant_metrics``) and the code flip rate
+between two parameter trees (``flip_rates``). ``docs/ternary_methods.md`` §2.4
+describes the schedule and mask.
 """
 
-from typing import Any, Dict, Optional
+import functools
+from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fcp_jax.models import packing
+from fcp_jax.models import ternary
 from fcp_jax.models.ternary import QUANT_PARAM_NAMES
 
 Array = jax.Array
@@ -73,6 +78,96 @@ def fill_quant_params(model: nn.Module, params: Any, tokens: Array,
   boxed = any(isinstance(x, nn.Partitioned) for x in jax.tree.leaves(
       params, is_leaf=lambda x: isinstance(x, nn.Partitioned)))
   return variables["params"] if boxed else nn.unbox(variables["params"])
+
+
+def _select(tree: Any, keep) -> Any:
+  """The nested dicts of ``tree`` with only the leaves whose name passes ``keep``."""
+  out = {}
+  for k, v in tree.items():
+    if hasattr(v, "items"):
+      sub = _select(v, keep)
+      if sub:
+        out[k] = sub
+    elif keep(k):
+      out[k] = v
+  return out
+
+
+def _merge(tree: Any, update: Any) -> Any:
+  """``tree`` with the leaves of ``update`` (a sub-tree of the same nesting) replaced."""
+  return {k: (_merge(v, update[k]) if hasattr(v, "items") else update[k])
+          if k in update else v for k, v in tree.items()}
+
+
+def has_act_alphas(params: Any) -> bool:
+  """Whether ``params`` holds elastic activation steps (``a_alpha``)."""
+  return bool(_select(params, lambda k: k == "a_alpha"))
+
+
+def init_act_alphas(model: nn.Module, params: Any, tokens: Array, *,
+                    jit: Callable = jax.jit, **inputs) -> Any:
+  """``params`` with every elastic ``a_alpha`` initialised from the batch ``tokens``.
+
+  ``model.init`` sees dummy all-zero tokens; TBT initialises each layer's step from the
+  first real batch. This drops the ``a_alpha`` leaves and runs ``model`` on ``tokens``
+  (``inputs``: ``positions``, ``segment_ids``, ``qlambda``), so each is created again,
+  in layer order, from the input its layer gets (``Elastic.init_params``). Every other
+  leaf is returned unchanged. ``params`` is a plain (unboxed) tree; without elastic
+  layers it is returned as is, with nothing run. ``jit``: e.g. a parallel mode's
+  ``jit_replicated``.
+  """
+  if not has_act_alphas(params):
+    return params
+  stripped = _select(params, lambda k: k != "a_alpha")
+
+  def alphas(p, t, kw):
+    _, variables = model.apply({"params": p}, t, **kw, rngs={"params": jax.random.key(0)},
+                               mutable=["params"])
+    return _select(nn.unbox(variables["params"]), lambda k: k == "a_alpha")
+
+  return _merge(params, jit(alphas)(stripped, tokens, inputs))
+
+
+@functools.lru_cache(maxsize=None)
+def _codes_fn(weight_quant: str, shard_axis: int, num_lead: int):
+  """Jitted ``(kernel, qparams) -> codes [..., K, N]`` (vmapped over ``num_lead`` axes)."""
+  wq = ternary.weight_quantizer(weight_quant, shard_axis)
+  codes = lambda w, qp: wq.quantize(w.astype(jnp.float32), qp).codes
+  for _ in range(num_lead):
+    codes = jax.vmap(codes)
+  return jax.jit(codes)
+
+
+def flip_rates(old_params: Any, new_params: Any, cfg: Any,
+               prefix: str = "quant") -> Dict[str, float]:
+  """Fraction of ternary codes that changed from ``old_params`` to ``new_params``.
+
+  Both are latent trees of ``Transformer(cfg)`` (boxed or plain). Returns
+  ``{prefix}/{layer path}/flip_rate`` per ternary kernel (scanned layers together) and
+  the overall ``{prefix}/flip_rate`` (flips / codes over all kernels).
+  """
+  trees = nn.unbox(old_params), nn.unbox(new_params)
+  out: Dict[str, float] = {}
+  flips = total = 0
+  for path, info in packing.ternary_layers(cfg).items():
+    if info.weight_quant == "none":
+      continue
+    old, new = (functools.reduce(lambda t, p: t[p], path, tree) for tree in trees)
+    fn = _codes_fn(info.weight_quant, ternary.shard_axis_of(info.kernel_axes),
+                   old["kernel"].ndim - 2)
+    codes = lambda l: fn(l["kernel"], {n: l[n] for n in ("w_alpha", "w_shift") if n in l})
+    changed = int(jnp.sum(codes(old) != codes(new)))
+    size = old["kernel"].size
+    out["/".join([prefix, *path, "flip_rate"])] = changed / size
+    flips, total = flips + changed, total + size
+  if total:
+    out[f"{prefix}/flip_rate"] = flips / total
+  return out
+
+
+def flip_rate(old_params: Any, new_params: Any, cfg: Any) -> float:
+  """Overall fraction of ternary codes that changed (see ``flip_rates``)."""
+  return flip_rates(old_params, new_params, cfg, prefix="quant").get("quant/flip_rate", 0.0)
 
 
 def quant_metrics(intermediates: Any, prefix: str = "quant") -> Dict[str, float]:

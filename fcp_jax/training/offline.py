@@ -24,7 +24,9 @@ A fresh run starts from ``config.init_from``'s params when set: another run's wo
 or a pretrained model written once by ``policy.write_pretrained_base`` (whose folder is
 also a valid ``config.tokenizer``). A ternary model started from a float checkpoint gets
 the ternary-only params it lacks (extra-RMSNorm gains, ...) from their initialisers,
-and says so in the log; any other missing parameter is an error.
+and says so in the log; any other missing parameter is an error. Elastic activation
+steps (``a_alpha``) initialised so (not loaded) are then set from the first train batch
+(``config.quant.act_alpha_from_data``, default True; a no-op for other quantizers).
 
 ``callbacks``: functions called as ``callback("step", step)`` after each update is
 logged and its checkpoint (if due) committed (tests use them to stop a run at a known
@@ -175,6 +177,17 @@ def steps_for_tokens(config: ml_collections.ConfigDict, tokens: float) -> int:
   return steps
 
 
+def _act_alphas_from(tr, par, params, batch: Mapping[str, np.ndarray], step: int):
+  """``params`` with the elastic ``a_alpha``s set from one device's share of ``batch``
+  (``ternary_training.init_act_alphas``); unchanged, with nothing run, without them."""
+  from fcp_jax.models import ternary_training  # pylint: disable=g-import-not-at-top
+  rows = max(1, len(batch["tokens"]) // jax.device_count())
+  inputs = {k: batch[k][:rows] for k in step_lib.MODEL_INPUTS if k in batch}
+  return ternary_training.init_act_alphas(
+      tr.model, params, batch["tokens"][:rows], jit=par.jit_replicated,
+      qlambda=tr.qlambda_fn(np.int32(step)), **inputs)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         callbacks: Sequence[Callback] = ()) -> Dict[str, Any]:
   """Trains (or resumes) the run in ``workdir``; returns a summary dict."""
@@ -246,15 +259,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       os.path.join(workdir, "checkpoints"), every=config.checkpoint.every,
       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   restored = ckpt.restore_latest(tr.abstract_state, data_iter=train_iter)
+  # Elastic activation steps (a_alpha) that were initialised here, from dummy tokens,
+  # not loaded, are set again from the first train batch (TBT).
+  from_data = config.get("quant", {}).get("act_alpha_from_data", True)
+  alphas_from_data = restored is None and from_data and not config.init_from
   if restored is not None:
     state = restored.state
     logging.info("Resumed from step %d.", restored.step)
   else:
     state = tr.create_state(jax.random.PRNGKey(config.seed))
     if config.init_from:
+      fill = policy_lib.fill_quant_params_fn(tr.model)
+
+      def fill_missing(params):  # E.g. a float checkpoint: it lacks the steps.
+        nonlocal alphas_from_data
+        from fcp_jax.models import ternary_training  # pylint: disable=g-import-not-at-top
+        alphas_from_data = from_data and not ternary_training.has_act_alphas(params)
+        return fill(params)
+
       state = state.replace(params=checkpoint_lib.restore_params(
-          config.init_from, tr.abstract_state.params,
-          fill_missing=policy_lib.fill_quant_params_fn(tr.model)))
+          config.init_from, tr.abstract_state.params, fill_missing=fill_missing))
   start_step = int(jax.device_get(state.step))
 
   # -------------------------------------------------------------------------------------
@@ -286,6 +310,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       run_eval(start_step)
     for step in range(start_step + 1, total_steps + 1):
       batch = next(train_iter)
+      if alphas_from_data and step == start_step + 1:
+        state = state.replace(params=_act_alphas_from(tr, par, state.params, batch,
+                                                      start_step))
       state, step_metrics = tr.train_step(state, par.put_batch(
           distributed.local_rows(batch)))
       pending.add(step, step_metrics)
