@@ -55,6 +55,20 @@ _GGUF_LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                "ffn_down": "mlp.down_proj"}
 _GGUF_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+  """llama.cpp's name of a Hugging Face tensor (the tables above, read backwards)."""
+  global_names = {v: k for k, v in _GGUF_GLOBAL.items()}
+  if hf_name in global_names:
+    return global_names[hf_name]
+  kinds = {v: k for k, v in _GGUF_LAYER.items()}
+  m = _HF_LAYER_RE.match(hf_name)
+  if not m or m.group(2) not in kinds:
+    raise ValueError(f"Hugging Face tensor {hf_name!r} has no GGUF counterpart.")
+  layer, suffix, leaf = m.groups()
+  return f"blk.{layer}.{kinds[suffix]}.{leaf}"
 
 
 def config_from_gguf(path_or_reader) -> TransformerConfig:

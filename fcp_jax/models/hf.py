@@ -130,7 +130,8 @@ def _hf_to_ours(x: np.ndarray, slot: Slot, cfg: TransformerConfig) -> np.ndarray
   return x.T if slot.transpose else x
 
 
-def _ours_to_hf(x: np.ndarray, slot: Slot, cfg: TransformerConfig) -> np.ndarray:
+def ours_to_hf(x: np.ndarray, slot: Slot, cfg: TransformerConfig) -> np.ndarray:
+  """Our kernel or bias as Hugging Face stores it for ``slot`` (``hf_param_plan``)."""
   x = x.T if slot.transpose else x
   if slot.qk_heads and cfg.rope_style == "interleaved":
     x = unpermute_qk(x, slot.qk_heads)
@@ -551,7 +552,7 @@ def save_hf(path: str, cfg: TransformerConfig, params: Any, tokenizer=None, *,
       slot = plan[name]
       leaf = flat[slot.path]
       value = leaf[slot.layer] if slot.layer is not None else leaf
-      value = _ours_to_hf(np.asarray(jax.device_get(value)), slot, cfg)
+      value = ours_to_hf(np.asarray(jax.device_get(value)), slot, cfg)
       tensors[name] = np.ascontiguousarray(value.astype(specs[name][1]))
       weight_map[name] = file
       total += tensors[name].nbytes

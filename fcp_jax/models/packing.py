@@ -16,16 +16,20 @@ model). Leading axes (``scan_layers``' [L]) are kept. The packed tree runs throu
 (int8 activations × int8 codes → int32, then rescaled); qlambda is ignored there (λ=1).
 
 Files are safetensors (``save_packed`` / ``load_packed``) with the model config and the
-per-layer method in the metadata. ``to_i2s`` / ``to_hf_bitnet`` write one per-tensor
+per-layer method in the metadata; ``load_model_config`` / ``load_params`` read a run's
+config and latent params for the export commands (``experiments/export_packed.py``,
+``experiments/export_gguf.py``). ``to_i2s`` / ``to_hf_bitnet`` write one per-tensor
 kernel in bitnet.cpp's I2_S layout and Hugging Face's BitNet layout.
 """
 
+import ast
 import dataclasses
 import functools
 import json
 import os
-from typing import Any, Dict, NamedTuple, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
+from flax import serialization
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -159,21 +163,36 @@ def _plain(tree: Any) -> Any:
   return np.asarray(jax.device_get(tree))
 
 
-def export_layer(layer: Dict[str, Any], info: LayerInfo) -> Dict[str, np.ndarray]:
-  """One TernaryDense's latent params -> its packed params (see module docstring)."""
-  wq = ternary.weight_quantizer(info.weight_quant, ternary.shard_axis_of(info.kernel_axes))
-  if isinstance(wq, ternary.NoWeightQuant):
-    return dict(layer)  # Float weights stay float.
+def layer_quantizer(info: LayerInfo) -> ternary.WeightQuantizer:
+  """The weight quantizer of one TernaryDense (its shard axis set from the kernel axes)."""
+  return ternary.weight_quantizer(info.weight_quant, ternary.shard_axis_of(info.kernel_axes))
+
+
+def quantize_layer(layer: Dict[str, Any], info: LayerInfo) -> ternary.Quantized:
+  """One TernaryDense's codes [..., K, N] and compact scales [..., a, b] (+ shift, bias).
+
+  ``layer`` holds the latent ``kernel`` and the quantizer's own params; stacked leading
+  axes (``scan_layers``' [L]) are kept. Numpy leaves.
+  """
+  wq = layer_quantizer(info)
   if "kernel" not in layer:
-    raise KeyError(f"export_layer: no 'kernel' among {sorted(layer)}.")
+    raise KeyError(f"Ternary export: no 'kernel' among {sorted(layer)}.")
   kernel = jnp.asarray(layer["kernel"], jnp.float32)
   qnames = list(wq.param_shapes(kernel.shape[-2:]))
   missing = [n for n in qnames if n not in layer]
   if missing:
-    raise KeyError(f"export_layer: {info.weight_quant!r} needs params {missing}; run "
+    raise KeyError(f"Ternary export: {info.weight_quant!r} needs params {missing}; run "
                    "ternary_training.fill_quant_params on a float checkpoint first.")
   q = _quantize_fn(wq, kernel.ndim - 2)(kernel, {n: jnp.asarray(layer[n]) for n in qnames})
-  n = kernel.shape[-1]
+  return ternary.Quantized(*(None if x is None else np.asarray(x) for x in q))
+
+
+def export_layer(layer: Dict[str, Any], info: LayerInfo) -> Dict[str, np.ndarray]:
+  """One TernaryDense's latent params -> its packed params (see module docstring)."""
+  if isinstance(layer_quantizer(info), ternary.NoWeightQuant):
+    return dict(layer)  # Float weights stay float.
+  q = quantize_layer(layer, info)
+  n = layer["kernel"].shape[-1]
   out = {"codes": pack_codes(np.asarray(q.codes).astype(np.int8)),
          "scale": _to_rows(np.asarray(q.scale, np.float32), n)}
   if q.shift is not None:
@@ -266,6 +285,68 @@ def load_packed(path: str) -> Tuple[Dict[str, Any], transformer.TransformerConfi
     raise ValueError(f"{path}: format version {metadata['version']} is newer than "
                      f"this reader ({VERSION}).")
   return unflatten_tree(st_numpy.load_file(path)), config_from_json(metadata["config"])
+
+
+def save_params(params: Any, path: str) -> None:
+  """Writes a (boxed or plain) params tree as safetensors with "/"-joined keys."""
+  st_numpy.save_file(flatten_tree(nn.unbox(params)), path)
+
+
+def load_params(workdir: str, cfg: transformer.TransformerConfig,
+                params_file: Optional[str] = None) -> Dict[str, Any]:
+  """The latent params tree of a run (for the export commands).
+
+  ``params_file`` (.safetensors with "/"-joined keys, or flax .msgpack), else
+  ``workdir/params.safetensors``, else the latest orbax checkpoint of ``workdir`` through
+  ``fcp_jax.training.checkpoint.restore_params`` (unboxed params of ``cfg``'s shapes).
+  """
+  path = params_file or os.path.join(workdir, "params.safetensors")
+  if os.path.exists(path):
+    if path.endswith(".msgpack"):
+      with open(path, "rb") as f:
+        return serialization.msgpack_restore(f.read())
+    return unflatten_tree(st_numpy.load_file(path))
+  if params_file:
+    raise FileNotFoundError(f"--params {params_file!r} does not exist.")
+  from fcp_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  model = transformer.Transformer(cfg)
+  abstract = jax.eval_shape(lambda: nn.unbox(model.init(
+      jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]))
+  try:
+    return checkpoint.restore_params(workdir, abstract)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"No params at {path!r} and no checkpoint in {workdir!r} "
+                            f"({e}); pass --params FILE (.safetensors or .msgpack).") from None
+
+
+def load_model_config(workdir: str, variant: Optional[str],
+                      overrides: Dict[str, Any]) -> transformer.TransformerConfig:
+  """TransformerConfig of ``workdir/config.json``'s ``model`` section (``variant`` plus
+  field overrides; None keeps the variant's value), else of ``variant``."""
+  fields = {}
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      fields = {k: v for k, v in json.load(f).get("model", {}).items() if v is not None}
+  variant = fields.pop("variant", None) or variant
+  if variant is None:
+    raise ValueError(f"No model variant: {path!r} has no model.variant; pass --variant.")
+  return transformer.get_variant(variant, **{**fields, **overrides})
+
+
+def parse_model_overrides(items: Sequence[str]) -> Dict[str, Any]:
+  """``["--model.k=v", ...]`` -> ``{k: v}`` (Python literals, else the plain string)."""
+  overrides = {}
+  for item in items:
+    key, eq, value = item.partition("=")
+    if not key.startswith("--model.") or not eq:
+      raise ValueError(f"Unknown argument {item!r}; model overrides look like --model.k=v.")
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # A plain string such as absmean.
+    overrides[key[len("--model."):]] = value
+  return overrides
 
 
 def tree_nbytes(tree: Any) -> int:
