@@ -146,8 +146,55 @@ def _attention_values(probs: Array, v: Array) -> Array:
   return jnp.einsum("bkgts,bskh->btkgh", probs, v)
 
 
+def xla_attention(q: Array, k: Array, v: Array, mask: Array, dtype: Any) -> Array:
+  """The reference: einsums over float32 scores [B, K, G, T, S], masked, softmaxed.
+
+  q [B, T, N, H], k and v [B, S, K, H], mask [B, T, S] bool -> [B, T, N, H] ``dtype``.
+  """
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, n // kv, h)  # [B, T, K, G, H]
+  logits = _attention_logits(q, k.astype(q.dtype)) / math.sqrt(h)  # [B, K, G, T, S]
+  logits = jnp.where(mask[:, None, None], logits, NEG_INF)  # [B, K, G, T, S]
+  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  out = _attention_values(probs, v.astype(probs.dtype))  # [B, T, K, G, H]
+  return out.reshape(b, t, n, h)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array, dtype: Any,
+                          implementation: Optional[str] = None) -> Array:
+  """``jax.nn.dot_product_attention`` (grouped heads natively); shapes as ``xla_attention``.
+
+  ``implementation=None`` lets JAX choose (its XLA path as of JAX 0.10);
+  ``"cudnn"`` is cuDNN's fused flash attention, which keeps no [T, S] scores.
+  """
+  out = jax.nn.dot_product_attention(
+      q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None],
+      implementation=implementation)  # [B, T, N, H]
+  return out.astype(dtype)
+
+
+def cudnn_attention(q: Array, k: Array, v: Array, mask: Array, dtype: Any) -> Array:
+  """cuDNN flash attention: needs a GPU and bfloat16 or float16 compute."""
+  backend = jax.default_backend()
+  if backend != "gpu":
+    raise ValueError(f"attention='cudnn' needs a GPU; JAX's backend here is {backend!r} "
+                     "(use attention='dot_product' or 'xla').")
+  if jnp.dtype(q.dtype) not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention='cudnn' needs dtype bfloat16 or float16, not {q.dtype}.")
+  return dot_product_attention(q, k, v, mask, dtype, implementation="cudnn")
+
+
+# ``TransformerConfig.attention`` -> fn(q, k, v, mask, dtype) -> [B, T, N, H].
+ATTENTION = {"xla": xla_attention, "dot_product": dot_product_attention,
+             "cudnn": cudnn_attention}
+
+
 class Attention(nn.Module):
-  """Grouped-query attention with RoPE and an explicit per-layer KV cache."""
+  """Grouped-query attention with RoPE and an explicit per-layer KV cache.
+
+  The score computation is ``ATTENTION[cfg.attention]``.
+  """
   cfg: Any
 
   @nn.compact
@@ -176,11 +223,7 @@ class Attention(nn.Module):
           layer_cache["v"].dtype), start)  # [B, S, K, H]
       layer_cache = {"k": kk, "v": v}
 
-    q = q.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
-    logits = _attention_logits(q, kk.astype(q.dtype)) / math.sqrt(h)  # [B, K, G, T, S]
-    logits = jnp.where(mask[:, None, None], logits, NEG_INF)  # [B, K, G, T, S]
-    probs = jax.nn.softmax(logits, axis=-1).astype(cfg.jnp_dtype)
-    out = _attention_values(probs, v.astype(probs.dtype))  # [B, T, K, G, H]
+    out = ATTENTION[cfg.attention](q, kk, v, mask, cfg.jnp_dtype)  # [B, T, N, H]
     out = out.reshape(b, t, n * h)  # [B, T, N*H]
     out = dense(cfg, "o", cfg.embed_dim, ("heads", "embed"), name="o_proj")(out, qlambda)
     return out, layer_cache

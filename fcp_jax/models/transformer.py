@@ -6,6 +6,9 @@
     cache = init_cache(cfg, batch, max_len)
     logits, cache = model.apply({"params": params}, tokens, positions,
                                 cache=cache)                                 # decoding
+    hidden, _ = model.apply({"params": params}, tokens, positions,
+                            return_hidden=True)                              # [B, T, D]
+    logits = project(cfg, params, hidden[:, :128])          # the head on a few positions
 
 The cache is a plain pytree passed in and returned (no mutable collection):
 
@@ -24,6 +27,10 @@ token, padding marked by segment id 0) computes exactly what the unpadded row do
 
 ``qlambda`` (the ternary blend, see ``models/ternary.py``) is a traced scalar or a [L]
 vector (one value per layer, for layer-wise warm-up), so schedules never recompile.
+
+``attention`` selects the score computation (``layers.ATTENTION``); ``loss_chunk`` makes
+the training steps apply the output head a chunk of positions at a time
+(``losses.chunked_target_stats``), so float32 [B, T, V] logits never exist at once.
 """
 
 import dataclasses
@@ -59,6 +66,9 @@ class TransformerConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False
   remat: str = "none"                # none | full | dots | dots_no_batch
+  attention: str = "xla"             # layers.ATTENTION: xla | dot_product | cudnn
+  loss_chunk: int = 0                # > 0: training losses project the vocabulary
+                                     # this many positions at a time (losses.py)
   embed_init_std: float = 0.02
   # Ternary quantization-aware training (models/ternary.py).
   weight_quant: str = "none"         # registry string, e.g. "absmean"
@@ -77,6 +87,11 @@ class TransformerConfig:
                        f"valid: {layers.DENSE_KINDS}.")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"Unknown remat {self.remat!r}; options: {sorted(REMAT_POLICIES)}.")
+    if self.attention not in layers.ATTENTION:
+      raise ValueError(f"Unknown attention {self.attention!r}; "
+                       f"options: {sorted(layers.ATTENTION)}.")
+    if self.loss_chunk < 0:
+      raise ValueError(f"loss_chunk must be >= 0 (0 = off), got {self.loss_chunk}.")
 
   @property
   def jnp_dtype(self):
@@ -177,6 +192,47 @@ def init_cache(cfg: TransformerConfig, batch: int, max_len: int,
           "index": jnp.zeros((), jnp.int32)}
 
 
+def _embed(cfg: TransformerConfig) -> nn.Embed:
+  return nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=cfg.jnp_dtype,
+                  param_dtype=cfg.jnp_param_dtype,
+                  embedding_init=nn.with_logical_partitioning(
+                      nn.initializers.normal(cfg.embed_init_std), ("vocab", "embed")),
+                  name="embed")
+
+
+def _unembed(cfg: TransformerConfig, embed: nn.Embed, x: Array, qlambda: Array) -> Array:
+  """Final hidden states [B, T, D] -> float32 logits [B, T, V] (in a compact method)."""
+  if cfg.tie_embeddings:
+    logits = embed.attend(x.astype(cfg.jnp_dtype))  # [B, T, V]
+  else:
+    logits = layers.dense(cfg, "head", cfg.vocab_size, ("embed", "vocab"),
+                          name="lm_head")(x, qlambda[-1])  # [B, T, V]
+  return nn.with_logical_constraint(logits.astype(jnp.float32),
+                                    ("batch", "length", "vocab"))
+
+
+class _Head(nn.Module):
+  """The output head alone, on ``Transformer``'s ``embed`` / ``lm_head`` parameters."""
+  cfg: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array, qlambda: Array) -> Array:
+    return _unembed(self.cfg, _embed(self.cfg), x, qlambda)
+
+
+def project(cfg: TransformerConfig, params: dict, hidden: Array,
+            qlambda: Optional[Array] = None) -> Array:
+  """The model's output head as a function: ``hidden`` [B, T, D] -> logits [B, T, V].
+
+  ``hidden`` comes from ``Transformer(...)(..., return_hidden=True)``; the chunked loss
+  (``losses.chunked_target_stats``) projects it a few positions at a time.
+  """
+  qlambda = jnp.broadcast_to(
+      jnp.asarray(1.0 if qlambda is None else qlambda, jnp.float32), (cfg.num_layers,))
+  head_params = {k: params[k] for k in ("embed", "lm_head") if k in params}
+  return _Head(cfg).apply({"params": head_params}, hidden, qlambda)
+
+
 def attention_mask(segment_ids: Array, kv_segment_ids: Array,
                    q_slots: Array, kv_slots: Array) -> Array:
   """[B, T, S] bool: causal by slot, same segment, key not padding."""
@@ -204,7 +260,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """The decoder. ``__call__`` returns ``(logits [B, T, V] float32, cache)``."""
+  """The decoder. ``__call__`` returns ``(logits [B, T, V] float32, cache)``.
+
+  With ``return_hidden=True`` it returns ``(hidden [B, T, D], cache)`` instead, the
+  final-norm states before the output head, which ``project`` applies.
+  """
   cfg: TransformerConfig
 
   @nn.compact
@@ -232,11 +292,7 @@ class Transformer(nn.Module):
       mask = attention_mask(segment_ids, kv_segments, q_slots, kv_slots)     # [B, T, S]
       kv_cache = {"k": cache["k"], "v": cache["v"]}
 
-    embed = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=cfg.jnp_dtype,
-                     param_dtype=cfg.jnp_param_dtype,
-                     embedding_init=nn.with_logical_partitioning(
-                         nn.initializers.normal(cfg.embed_init_std), ("vocab", "embed")),
-                     name="embed")
+    embed = _embed(cfg)
     x = embed(tokens)  # [B, T, D]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
@@ -264,22 +320,13 @@ class Transformer(nn.Module):
         kv_cache = {"k": tuple(new_k), "v": tuple(new_v)}
 
     x = layers.RMSNorm(cfg.norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype,
-                       name="final_norm")(x)
-    if return_hidden:
-      hidden = x
-    if cfg.tie_embeddings:
-      logits = embed.attend(x.astype(cfg.jnp_dtype))  # [B, T, V]
-    else:
-      logits = layers.dense(cfg, "head", cfg.vocab_size, ("embed", "vocab"),
-                            name="lm_head")(x, qlambda[-1])  # [B, T, V]
-    logits = nn.with_logical_constraint(logits.astype(jnp.float32),
-                                        ("batch", "length", "vocab"))
+                       name="final_norm")(x)  # [B, T, D]
     new_cache = None
     if cache is not None:
       new_cache = {**kv_cache, "segment_ids": kv_segments, "index": start + t}
-    if return_hidden:
-      return logits, new_cache, hidden
-    return logits, new_cache
+    if return_hidden:  # The head is left to the caller (``project``).
+      return x, new_cache
+    return _unembed(cfg, embed, x, qlambda), new_cache
 
 
 def count_params(params) -> int:

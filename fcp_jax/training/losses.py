@@ -18,7 +18,10 @@ A loss is an object built from a config string (``LOSSES.build("nll(aggregation=
 * ``prepare(batch) -> batch``: runs once on the whole (per-replica) batch before it is
   split into micro-batches (GRPO turns ``scores`` into ``advantages`` here, so groups
   are never split);
-* ``__call__(logits, batch) -> LossTerms``: sums over the tokens of a micro-batch.
+* ``__call__(logits, batch) -> LossTerms``: sums over the tokens of a micro-batch;
+  it is ``from_logprobs(*target_stats(logits, tokens), batch)``, and the training step
+  calls ``from_logprobs`` with ``chunked_target_stats`` instead when the model config
+  sets ``loss_chunk`` (float32 [B, T, V] logits are then never materialised).
 
 ``LossTerms`` keeps sums rather than means so that micro-batches (gradient
 accumulation) and data-parallel replicas combine exactly: the loss of the full batch is
@@ -27,7 +30,7 @@ accumulation) and data-parallel replicas combine exactly: the loss of the full b
 """
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import flax.struct
 import jax
@@ -93,20 +96,61 @@ def count_sequences(mask: Array) -> Array:
   return jnp.sum(mask * (1.0 - prev))
 
 
+def _predictions(logits: Array, targets: Array) -> Tuple[Array, Array]:
+  """Float32 ``log p(targets)`` and argmax hits (bool), [B, C] each, of [B, C, V] logits."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, C, V]
+  correct = jnp.argmax(logits, axis=-1) == targets  # [B, C]
+  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], correct
+
+
+def target_stats(logits: Array, tokens: Array) -> Tuple[Array, Array]:
+  """Log-probs and argmax hits [B, T-1] of the targets ``tokens[:, 1:]``."""
+  return _predictions(logits[:, :-1], tokens[:, 1:])
+
+
 def token_logprobs(logits: Array, tokens: Array) -> Array:
   """[B, T-1] float32: ``log p(tokens[:, 1:])`` under ``logits[:, :-1]``."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)  # [B, T-1, V]
-  return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
+  return target_stats(logits, tokens)[0]
 
 
-def _aggregate(per_token: Array, mask: Array, aggregation: str,
-               logits: Array, tokens: Array,
+def chunked_target_stats(hidden: Array, tokens: Array,
+                         project: Callable[[Array], Array],
+                         chunk: int) -> Tuple[Array, Array]:
+  """``target_stats`` from final hidden states, projecting ``chunk`` positions at a time.
+
+  Args:
+    hidden: [B, T, D] states before the output head.
+    tokens: [B, T] int32.
+    project: the output head, [B, C, D] -> float32 logits [B, C, V].
+    chunk: positions per chunk; T-1 is padded up to a multiple of it.
+
+  A ``lax.map`` over chunks with each chunk under ``jax.checkpoint``: the forward keeps
+  only [B, T-1] results and the backward recomputes one chunk's [B, C, V] at a time.
+  """
+  b, t, d = hidden.shape
+  n = -(-(t - 1) // chunk)
+  pad = n * chunk - (t - 1)
+  x = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))  # [B, n*C, D]
+  x = x.reshape(b, n, chunk, d).swapaxes(0, 1)  # [n, B, C, D]
+  y = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad)))  # [B, n*C]
+  y = y.reshape(b, n, chunk).swapaxes(0, 1)  # [n, B, C]
+
+  @jax.checkpoint
+  def chunk_stats(xy):
+    x, y = xy  # [B, C, D], [B, C]
+    return _predictions(project(x), y)  # [B, C] each
+
+  logp, correct = jax.lax.map(chunk_stats, (x, y))  # [n, B, C] each
+  unchunk = lambda a: a.swapaxes(0, 1).reshape(b, n * chunk)[:, :t - 1]  # [B, T-1]
+  return unchunk(logp), unchunk(correct)
+
+
+def _aggregate(per_token: Array, mask: Array, aggregation: str, correct: Array,
                token_sums: Optional[Dict[str, Array]] = None) -> LossTerms:
   """Sums ``per_token`` [B, T-1] over ``mask`` with the chosen denominator."""
   num_tokens = jnp.sum(mask)
   sequences = count_sequences(mask)
   denominator = {"token-mean": num_tokens, "seq-mean-token-sum": sequences}[aggregation]
-  correct = (jnp.argmax(logits[:, :-1], axis=-1) == tokens[:, 1:])  # [B, T-1]
   sums = {"accuracy": jnp.sum(correct * mask)}
   sums.update(token_sums or {})
   return LossTerms(numerator=jnp.sum(per_token * mask),
@@ -140,9 +184,11 @@ class NLL:
     return batch
 
   def __call__(self, logits: Array, batch: Batch) -> LossTerms:
-    tokens = batch["tokens"]
-    nll = -token_logprobs(logits, tokens)  # [B, T-1]
-    return _aggregate(nll, target_mask(batch), self.aggregation, logits, tokens)
+    return self.from_logprobs(*target_stats(logits, batch["tokens"]), batch)
+
+  def from_logprobs(self, logp: Array, correct: Array, batch: Batch) -> LossTerms:
+    """The terms from target log-probs and argmax hits [B, T-1] (``target_stats``)."""
+    return _aggregate(-logp, target_mask(batch), self.aggregation, correct)
 
 
 LOSSES.register("nll")(NLL)
@@ -229,9 +275,11 @@ class GRPO:
     return batch
 
   def __call__(self, logits: Array, batch: Batch) -> LossTerms:
-    tokens = batch["tokens"]
+    return self.from_logprobs(*target_stats(logits, batch["tokens"]), batch)
+
+  def from_logprobs(self, logp: Array, correct: Array, batch: Batch) -> LossTerms:
+    """The terms from target log-probs and argmax hits [B, T-1] (``target_stats``)."""
     mask = target_mask(batch)  # [B, T-1]
-    logp = token_logprobs(logits, tokens)  # [B, T-1]
     old = (batch["old_logprobs"][:, 1:] if "old_logprobs" in batch
            else jax.lax.stop_gradient(logp))  # [B, T-1]
     adv = batch["advantages"].astype(jnp.float32)[:, None]  # [B, 1]
@@ -247,7 +295,7 @@ class GRPO:
       kl = jnp.exp(q) - q - 1.0  # [B, T-1], k3 estimator, >= 0
       per_token = per_token + self.kl_coef * kl
       sums["kl"] = jnp.sum(kl * mask)
-    return _aggregate(per_token, mask, self.aggregation, logits, tokens, sums)
+    return _aggregate(per_token, mask, self.aggregation, correct, sums)
 
 
 LOSSES.register("grpo")(GRPO)

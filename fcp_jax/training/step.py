@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fcp_jax.models import transformer as transformer_lib
 from fcp_jax.training import losses as losses_lib
 from fcp_jax.training import optim as optim_lib
 from fcp_jax.training.state import TrainState
@@ -87,12 +88,26 @@ def split_microbatches(batch: Mapping[str, Array], k: int,
   return out
 
 
+def _target_stats(model, params, batch, qlambda, rng) -> Tuple[Array, Array]:
+  """Model forward: log-probs and argmax hits [B, T-1] of the batch's next tokens.
+
+  With ``model.cfg.loss_chunk`` the output head runs ``loss_chunk`` positions at a time
+  (``losses.chunked_target_stats``) instead of on all [B, T, V] at once.
+  """
+  inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+  chunk = model.cfg.loss_chunk
+  out, _ = model.apply({"params": params}, batch["tokens"], **inputs, qlambda=qlambda,
+                       return_hidden=bool(chunk),
+                       rngs={"dropout": rng})  # [B, T, D] hidden or [B, T, V] logits
+  if not chunk:
+    return losses_lib.target_stats(out, batch["tokens"])
+  project = lambda x: transformer_lib.project(model.cfg, params, x, qlambda)
+  return losses_lib.chunked_target_stats(out, batch["tokens"], project, chunk)
+
+
 def _forward_terms(model, loss, params, batch, qlambda, rng) -> losses_lib.LossTerms:
   """Model forward and the loss terms of one micro-batch."""
-  inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-  logits, _ = model.apply({"params": params}, batch["tokens"], **inputs,
-                          qlambda=qlambda, rngs={"dropout": rng})  # [B, T, V]
-  return loss(logits, batch)
+  return loss.from_logprobs(*_target_stats(model, params, batch, qlambda, rng), batch)
 
 
 def _psum_terms(terms: losses_lib.LossTerms, axis_name: Optional[str]):
@@ -212,11 +227,8 @@ def make_logprob_step(model, *, qlambda_fn: Optional[QLambdaFn] = None
   qlambda_fn = qlambda_fn or (lambda step: None)
 
   def logprob_step(params, batch, step=None):
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    logits, _ = model.apply({"params": params}, batch["tokens"], **inputs,
-                            qlambda=_qlambda_at(qlambda_fn, step),
-                            rngs={"dropout": jax.random.PRNGKey(0)})  # [B, T, V]
-    logp = losses_lib.token_logprobs(logits, batch["tokens"])  # [B, T-1]
+    logp, _ = _target_stats(model, params, batch, _qlambda_at(qlambda_fn, step),
+                            jax.random.PRNGKey(0))  # [B, T-1]
     return jnp.pad(logp, ((0, 0), (1, 0)))  # [B, T]
 
   return logprob_step
