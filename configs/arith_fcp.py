@@ -192,6 +192,10 @@ ARMS = {
         "seq_mean": ["offline.loss=nll(aggregation='seq-mean-token-sum')",
                      "bootstrap.loss=nll(aggregation='seq-mean-token-sum')"],
         "mini_batch_128": ["bootstrap.online.mini_batch=128"]},
+    # Accuracy against training tokens: every method at other budgets (the default 600k
+    # is ``get_sweep()``'s ternary arm).
+    "token_curve": {f"tokens_{t // 1000}k": [f"budget.train_tokens={t}"]
+                    for t in (300_000, 1_200_000, 2_400_000)},
 }
 
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from fcp_jax import config_lib
+from fcp_jax import experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "experiments"))
@@ -100,6 +101,13 @@ def test_sweep_selects_on_validation_only_and_tuning_entries_apply():
       config = config_lib.load_config(f"{CONFIG}:runlocal,{arg}")
       config_lib.apply_overrides(config, overrides)
       assert config.eval.splits == ("validation",)
+  for family in module.ARMS:  # Reported: every arm applies to the full config, on test.
+    for entry in module.get_sweep(family):
+      arg, overrides = sweep.entry_parts(entry)
+      config = config_lib.load_config(f"{CONFIG}:{arg}")
+      config_lib.apply_overrides(config, overrides)
+      experiment.check_budget(config)
+      assert config.eval.splits == ("test",)
   with pytest.raises(ValueError, match="Unknown sweep family 'tune_gpro'"):
     module.get_sweep("tune_gpro")
 
