@@ -10,7 +10,8 @@ Einsum letters used across ``fcp_jax.models``:
 Every projection goes through ``dense(cfg, kind, ...)``: it returns the float ``Dense``
 or, when the config quantizes that ``kind`` of layer, ``ternary.TernaryDense``. Both keep
 ``nn.Dense``'s parameter names (``kernel`` [in, out], ``bias``) and take the ternary blend
-``qlambda`` as a call argument (ignored by the float layer).
+``qlambda`` as a call argument (ignored by the float layer). Their outputs carry
+``checkpoint_name`` tags (``PROJ_NAMES``) that the remat policies save by name.
 """
 
 import math
@@ -19,11 +20,19 @@ from typing import Any, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 Array = jax.Array
 # Projection kinds a config can select for quantization.
 DENSE_KINDS = ("q", "k", "v", "o", "gate", "up", "down", "head")
 NEG_INF = -1e30  # Finite, so fully masked rows (padding queries) give no NaN.
+# ``checkpoint_name`` tags of the projection outputs (remat policies save them by name).
+PROJ_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _tag(x: Array, name: str) -> Array:
+  """Names a projection output for ``save_only_these_names`` (an identity)."""
+  return checkpoint_name(x, name)
 
 
 class RMSNorm(nn.Module):
@@ -205,11 +214,14 @@ class Attention(nn.Module):
     b, t, _ = x.shape
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = dense(cfg, "q", n * h, ("embed", "heads"), use_bias=cfg.qkv_bias,
-              name="q_proj")(x, qlambda).reshape(b, t, n, h)  # [B, T, N, H]
+              name="q_proj")(x, qlambda)
+    q = _tag(q, "q_proj").reshape(b, t, n, h)  # [B, T, N, H]
     kk = dense(cfg, "k", k * h, ("embed", "kv_heads"), use_bias=cfg.qkv_bias,
-               name="k_proj")(x, qlambda).reshape(b, t, k, h)  # [B, T, K, H]
+               name="k_proj")(x, qlambda)
+    kk = _tag(kk, "k_proj").reshape(b, t, k, h)  # [B, T, K, H]
     v = dense(cfg, "v", k * h, ("embed", "kv_heads"), use_bias=cfg.qkv_bias,
-              name="v_proj")(x, qlambda).reshape(b, t, k, h)  # [B, T, K, H]
+              name="v_proj")(x, qlambda)
+    v = _tag(v, "v_proj").reshape(b, t, k, h)  # [B, T, K, H]
     inv_freq = rope_frequencies(h, cfg.rope_base, cfg.rope_scaling)
     q = apply_rope(q, positions, inv_freq, cfg.rope_style)
     kk = apply_rope(kk, positions, inv_freq, cfg.rope_style)
@@ -226,7 +238,7 @@ class Attention(nn.Module):
     out = ATTENTION[cfg.attention](q, kk, v, mask, cfg.jnp_dtype)  # [B, T, N, H]
     out = out.reshape(b, t, n * h)  # [B, T, N*H]
     out = dense(cfg, "o", cfg.embed_dim, ("heads", "embed"), name="o_proj")(out, qlambda)
-    return out, layer_cache
+    return _tag(out, "o_proj"), layer_cache
 
 
 def _relu2(x):
@@ -247,8 +259,10 @@ class MLP(nn.Module):
       raise ValueError(f"Unknown mlp_activation {cfg.mlp_activation!r}; "
                        f"options: {sorted(MLP_ACTIVATIONS)}.")
     act = MLP_ACTIVATIONS[cfg.mlp_activation]
-    gate = dense(cfg, "gate", cfg.mlp_dim, ("embed", "mlp"), name="gate_proj")(x, qlambda)
-    up = dense(cfg, "up", cfg.mlp_dim, ("embed", "mlp"), name="up_proj")(x, qlambda)
+    gate = _tag(dense(cfg, "gate", cfg.mlp_dim, ("embed", "mlp"), name="gate_proj")(
+        x, qlambda), "gate_proj")  # [B, T, F]
+    up = _tag(dense(cfg, "up", cfg.mlp_dim, ("embed", "mlp"), name="up_proj")(
+        x, qlambda), "up_proj")  # [B, T, F]
     hidden = nn.with_logical_constraint(act(gate) * up, ("batch", "length", "mlp"))
-    return dense(cfg, "down", cfg.embed_dim, ("mlp", "embed"),
-                 name="down_proj")(hidden, qlambda)  # [B, T, D]
+    return _tag(dense(cfg, "down", cfg.embed_dim, ("mlp", "embed"),
+                      name="down_proj")(hidden, qlambda), "down_proj")  # [B, T, D]

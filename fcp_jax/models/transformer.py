@@ -65,7 +65,7 @@ class TransformerConfig:
   dtype: str = "float32"             # compute dtype
   param_dtype: str = "float32"
   scan_layers: bool = False
-  remat: str = "none"                # none | full | dots | dots_no_batch
+  remat: str = "none"                # REMAT_POLICIES: none | full | dots | proj | ...
   attention: str = "xla"             # layers.ATTENTION: xla | dot_product | cudnn
   loss_chunk: int = 0                # > 0: training losses project the vocabulary
                                      # this many positions at a time (losses.py)
@@ -116,11 +116,17 @@ class TransformerConfig:
     return dataclasses.replace(self, **kw)
 
 
+# What each layer keeps for the backward pass (``nn.remat`` policies); the rest is
+# recomputed. ``dots`` keeps every matmul output, attention scores [B, K, G, T, S]
+# included; ``proj`` keeps the projection outputs (``layers.PROJ_NAMES``) and no
+# scores; ``attn_proj`` keeps only q/k/v/o (recomputes the MLP and the scores).
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "proj": jax.checkpoint_policies.save_only_these_names(*layers.PROJ_NAMES),
+    "attn_proj": jax.checkpoint_policies.save_only_these_names(*layers.PROJ_NAMES[:4]),
 }
 
 _LLAMA = dict(mlp_activation="swiglu", rope_style="half")
@@ -141,17 +147,19 @@ VARIANTS = {
         vocab_size=128256, num_layers=16, embed_dim=2048, num_heads=32, num_kv_heads=8,
         head_dim=64, mlp_dim=8192, rope_base=500_000.0, norm_eps=1e-5,
         rope_scaling=("llama3", 32.0, 1.0, 4.0, 8192), **_LLAMA),
+    # Large variants remat "attn_proj": at 2048 tokens per device (FSDP) their train
+    # steps plan under 16 GiB per device (docs/accelerators.md §7).
     # ~1B ternary-from-scratch shape (BitNet style: ReLU², SubLN, untied head).
     "1b": TransformerConfig(
         vocab_size=128256, num_layers=24, embed_dim=2048, num_heads=32, num_kv_heads=8,
         head_dim=64, mlp_dim=5632, mlp_activation="relu2", rope_base=500_000.0,
-        tie_embeddings=False, subln=True, scan_layers=True, remat="dots",
+        tie_embeddings=False, subln=True, scan_layers=True, remat="attn_proj",
         dtype="bfloat16"),
     # ~7B (Qwen2.5-7B shape, the FCP paper's base model).
     "7b": TransformerConfig(
         vocab_size=152064, num_layers=28, embed_dim=3584, num_heads=28, num_kv_heads=4,
         head_dim=128, mlp_dim=18944, rope_base=1_000_000.0, qkv_bias=True,
-        tie_embeddings=False, scan_layers=True, remat="dots", dtype="bfloat16",
+        tie_embeddings=False, scan_layers=True, remat="attn_proj", dtype="bfloat16",
         **_LLAMA),
 }
 

@@ -169,6 +169,10 @@ class Sampler:
     return ids[:-1] if ids and ids[-1] in self.end_ids else ids
 
   # -------------------------------------------------------------- device side
+  def jitted(self, method: str, max_new_tokens: int, num_samples: int) -> dict:
+    """The jitted ``prefill`` and ``decode`` that ``sample`` runs (for AOT lowering)."""
+    return self._functions(method, max_new_tokens, num_samples)
+
   def _functions(self, method: str, max_new: int, num_samples: int):
     key = (method, max_new, num_samples)
     if key not in self._compiled:

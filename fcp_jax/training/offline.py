@@ -49,6 +49,7 @@ from fcp_jax.data import tfds_builders
 from fcp_jax.registry import Registry
 from fcp_jax.training import checkpoint as checkpoint_lib
 from fcp_jax.training import losses as losses_lib
+from fcp_jax.training import memory_plan
 from fcp_jax.training import metrics as metrics_lib
 from fcp_jax.training import sharding as sharding_lib
 from fcp_jax.training import step as step_lib
@@ -236,6 +237,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   # -------------------------------------------------------------------------------------
   tr = step_lib.build_training(config, par, total_steps=total_steps)
   policy_lib.check_vocab(tok, tr.model_cfg)
+  # On an accelerator: stop now if the step's memory plan exceeds the chip (not on CPU).
+  memory_plan.check_before_training(config, par, rows=int(config.batch_size),
+                                    seq_len=int(config.data.max_len))
   quant_probe = None
   if tr.model_cfg.weight_quant != "none":
     from fcp_jax.models import ternary_training  # pylint: disable=g-import-not-at-top

@@ -62,6 +62,7 @@ from fcp_jax.registry import Registry
 from fcp_jax.sampling import sampler as sampler_lib
 from fcp_jax.training import checkpoint as checkpoint_lib
 from fcp_jax.training import losses as losses_lib
+from fcp_jax.training import memory_plan
 from fcp_jax.training import metrics as metrics_lib
 from fcp_jax.training import optim as optim_lib
 from fcp_jax.training import sharding as sharding_lib
@@ -278,6 +279,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   qlambda_fn = step_lib.make_qlambda_fn(model_cfg, config.quant)
   train_step = par.jit_train_step(step_lib.make_train_step(
       model, loss, optimizer, qlambda_fn=qlambda_fn, axis_name=par.axis_name), specs)
+  # On an accelerator: stop now if the update's memory plan exceeds the chip.
+  memory_plan.check_before_training(config, par, rows=int(on.mini_batch),
+                                    seq_len=int(on.max_len))
   sampler = sampler_lib.Sampler(model, tok, prompt_bucket=int(on.prompt_bucket))
   qlambda_jit = jax.jit(qlambda_fn)
   # Diagnostics: the NLL of a round's rows before and after its updates.
