@@ -56,6 +56,7 @@ def offline_stage(*, objective: str, steps: int, batch: int, lr: float, max_len:
   c.total_steps = steps
   c.batch_size = batch
   c.grad_accum = 1
+  c.grad_compression = "none"  # grad_compression.GRAD_COMPRESSION, e.g. "terngrad"
   c.loss = "nll(aggregation='token-mean')"
   c.optim = optim(lr, **(optim_args or {}))
   c.data = ml_collections.ConfigDict(dict(

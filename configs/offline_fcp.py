@@ -34,6 +34,7 @@ def get_config(arg=None):
   config.total_steps = 2000
   config.batch_size = 32                    # global sequences per update
   config.grad_accum = 1                     # micro-batches per update (lax.scan)
+  config.grad_compression = "none"          # or "terngrad(clip=2.5)" (data parallel)
   config.log_every = 50
   config.init_from = ""                     # other run's workdir[:step]: params only
 

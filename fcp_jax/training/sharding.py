@@ -14,6 +14,11 @@ with ``out_shardings`` from the logical specs) and the batch is split over
 ``data x fsdp``. Calls run inside ``jax.set_mesh`` and ``nn.logical_axis_rules`` so the
 model's ``with_logical_constraint``s apply.
 
+With ``per_replica=True`` (a compressed gradient reduction, ``grad_compression``) the
+mesh mode runs the train step once per batch shard under ``jax.shard_map`` with the
+state replicated and collectives over ``("data", "fsdp")``, like ``pmap``: pure data
+parallelism, so it needs ``mesh_shape`` (R, 1, 1).
+
 ``pmap``: replicated state (``in_axes=None``/``out_axes=None``: the state stays one
 logical array, so checkpoints are the same in both modes), per-device slices of the
 batch and ``lax.psum`` inside the step (``axis_name="batch"``).
@@ -133,6 +138,7 @@ def _process_rows(batch: Mapping[str, Any]) -> int:
 class MeshParallel:
   """GSPMD data/FSDP/tensor parallelism with ``jax.jit`` shardings."""
   axis_name = None
+  replica_axis = BATCH_AXES  # Collectives of a per-replica (shard_map) train step.
 
   def __init__(self, parallel_cfg: Mapping[str, Any],
                devices: Optional[Sequence[Any]] = None):
@@ -145,6 +151,10 @@ class MeshParallel:
   @property
   def num_batch_shards(self) -> int:
     return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+  @property
+  def num_replicas(self) -> int:
+    return self.num_batch_shards
 
   @contextlib.contextmanager
   def context(self):
@@ -161,7 +171,10 @@ class MeshParallel:
     with self.context():
       return jax.jit(init_fn, out_shardings=self.shardings(logical_specs))(rng)
 
-  def jit_train_step(self, train_step: Callable, logical_specs: Any) -> Callable:
+  def jit_train_step(self, train_step: Callable, logical_specs: Any,
+                     per_replica: bool = False) -> Callable:
+    if per_replica:
+      train_step = self._per_replica(train_step)
     state_sh = self.shardings(logical_specs)
     jitted = jax.jit(train_step, in_shardings=(state_sh, self.batch_sharding),
                      out_shardings=(state_sh, self.replicated), donate_argnums=(0,))
@@ -172,6 +185,20 @@ class MeshParallel:
 
     run.jitted = jitted
     return run
+
+  def _per_replica(self, train_step: Callable) -> Callable:
+    """``train_step`` once per batch shard (``shard_map``; axis ``replica_axis``)."""
+    if self.mesh.shape["fsdp"] * self.mesh.shape["tensor"] != 1:
+      raise ValueError("A per-replica train step (grad_compression) is pure data "
+                       "parallelism: it needs parallel.mesh_shape (-1, 1, 1), got "
+                       f"{dict(self.mesh.shape)}. Use fsdp = tensor = 1 or pmap mode.")
+
+    def body(state, batch):
+      with nn.logical_axis_rules(()):  # Per-device code: no sharding constraints.
+        return train_step(state, batch)
+
+    return jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(BATCH_AXES)),
+                         out_specs=(P(), P()), check_vma=False)
 
   def jit_eval_step(self, eval_step: Callable, logical_specs: Any) -> Callable:
     param_sh = self.shardings(logical_specs.params)
@@ -209,7 +236,7 @@ class MeshParallel:
 @PARALLEL.register("pmap")
 class PmapParallel:
   """Data-parallel replicas with ``jax.pmap`` and ``lax.pmean`` of gradients."""
-  axis_name = PMAP_AXIS
+  axis_name = replica_axis = PMAP_AXIS
 
   def __init__(self, parallel_cfg: Mapping[str, Any] = None,
                devices: Optional[Sequence[Any]] = None):
@@ -221,6 +248,10 @@ class PmapParallel:
     self.replicated = NamedSharding(Mesh(np.asarray(self.local_devices), ("replica",)),
                                     P())
 
+  @property
+  def num_replicas(self) -> int:
+    return jax.device_count()
+
   def shardings(self, logical_specs: Any) -> Any:
     is_spec = lambda x: isinstance(x, P)
     return jax.tree.map(lambda _: self.replicated, logical_specs, is_leaf=is_spec)
@@ -229,8 +260,9 @@ class PmapParallel:
                    logical_specs: Any) -> Any:
     return jax.jit(init_fn, out_shardings=self.shardings(logical_specs))(rng)
 
-  def jit_train_step(self, train_step: Callable, logical_specs: Any) -> Callable:
-    del logical_specs
+  def jit_train_step(self, train_step: Callable, logical_specs: Any,
+                     per_replica: bool = True) -> Callable:
+    del logical_specs, per_replica  # Always per replica.
     return jax.pmap(train_step, axis_name=self.axis_name, in_axes=(None, 0),
                     out_axes=(None, None), donate_argnums=(0,))
 

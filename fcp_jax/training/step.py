@@ -17,6 +17,11 @@ metric sums are ``lax.psum``-ed over replicas before the division, which is the
 ``pmean`` of per-replica gradients weighted by their share of the loss tokens (exactly
 the single-device full-batch gradient).
 
+``grad_reduce`` (``grad_compression``, from ``config.grad_compression``) does that
+gradient ``psum``; a compressing reducer (TernGrad) needs per-replica gradients, so in
+``mesh`` mode ``build_training`` then runs the step per data shard under ``shard_map``
+(``sharding.MeshParallel.jit_train_step(per_replica=True)``).
+
 Gradient accumulation splits the batch into ``grad_accum`` micro-batches (rows ``i,
 i+k, i+2k, ...`` so every data shard contributes to every micro-batch) and runs them in
 a ``lax.scan`` that sums the gradients of the loss *numerators*; dividing by the
@@ -35,6 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from fcp_jax.models import transformer as transformer_lib
+from fcp_jax.training import grad_compression
 from fcp_jax.training import losses as losses_lib
 from fcp_jax.training import optim as optim_lib
 from fcp_jax.training.state import TrainState
@@ -116,7 +122,8 @@ def _psum_terms(terms: losses_lib.LossTerms, axis_name: Optional[str]):
 
 def make_train_step(model, loss, optimizer: optim_lib.Optimizer, *,
                     qlambda_fn: Optional[QLambdaFn] = None, grad_accum: int = 1,
-                    axis_name: Optional[str] = None
+                    axis_name: Optional[Any] = None,
+                    grad_reduce: Optional[Callable[..., Any]] = None
                     ) -> Callable[[TrainState, Mapping[str, Array]],
                                   Tuple[TrainState, Metrics]]:
   """Builds ``train_step(state, batch) -> (state, metrics)``.
@@ -127,10 +134,16 @@ def make_train_step(model, loss, optimizer: optim_lib.Optimizer, *,
     optimizer: from ``optim.make_optimizer``.
     qlambda_fn: ``step -> qlambda`` (see ``make_qlambda_fn``); ``None`` for float.
     grad_accum: number of micro-batches per update.
-    axis_name: the pmap axis name, or ``None`` under jit/GSPMD.
+    axis_name: the replica axis name(s) (pmap, shard_map), or ``None`` under GSPMD.
+    grad_reduce: ``(grads, axis_name, rng) -> summed grads`` over replicas
+      (``grad_compression``); default ``lax.psum``.
   """
   if grad_accum < 1:
     raise ValueError(f"grad_accum must be >= 1, got {grad_accum}.")
+  grad_reduce = grad_reduce or grad_compression.NoCompression()
+  if axis_name is None and getattr(grad_reduce, "per_replica", False):
+    raise ValueError(f"{grad_reduce} needs per-replica gradients: pass axis_name "
+                     "(pmap, or the mesh mode's per_replica step).")
   qlambda_fn = qlambda_fn or (lambda step: None)
   tx = optimizer.tx
 
@@ -165,7 +178,7 @@ def make_train_step(model, loss, optimizer: optim_lib.Optimizer, *,
 
     terms = _psum_terms(terms, axis_name)
     if axis_name is not None:
-      grads = jax.lax.psum(grads, axis_name)
+      grads = grad_reduce(grads, axis_name, rng)
     scale = 1.0 / jnp.maximum(terms.denominator, 1.0)
     grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
 
@@ -296,7 +309,7 @@ def build_training(config: Mapping[str, Any], par: Any, *, total_steps: int) -> 
   """Builds model, optimizer, loss and the compiled steps from a run config.
 
   Reads ``config.model`` (variant + overrides), ``config.optim``, ``config.loss``,
-  ``config.quant`` (λ schedule) and ``config.grad_accum``.
+  ``config.quant`` (λ schedule), ``config.grad_accum`` and ``config.grad_compression``.
   """
   from fcp_jax.training import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from fcp_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
@@ -309,9 +322,13 @@ def build_training(config: Mapping[str, Any], par: Any, *, total_steps: int) -> 
   abstract = sharding_lib.abstract_with_shardings(
       jax.eval_shape(init_fn, jax.random.PRNGKey(0)), par.shardings(specs))
   qlambda_fn = make_qlambda_fn(model_cfg, config.get("quant"))
+  reduce = grad_compression.build(config.get("grad_compression", "none"),
+                                  num_replicas=par.num_replicas)
   train_step = par.jit_train_step(make_train_step(
       model, loss, optimizer, qlambda_fn=qlambda_fn,
-      grad_accum=int(config.get("grad_accum", 1)), axis_name=par.axis_name), specs)
+      grad_accum=int(config.get("grad_accum", 1)),
+      axis_name=par.replica_axis if reduce.per_replica else par.axis_name,
+      grad_reduce=reduce), specs, per_replica=reduce.per_replica)
   eval_step = par.jit_eval_step(make_eval_step(
       model, loss, qlambda_fn=qlambda_fn, axis_name=par.axis_name, return_terms=True),
                                 specs)
