@@ -500,7 +500,8 @@ def test_llama_cpp_greedy_tokens_match_jax(tmp_path, overrides):
   path = str(tmp_path / "m.gguf")
   gguf_export.export_gguf(path, cfg, params, tok, float_type="f32")
   packed = packing.pack_params(params, cfg)
-  llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=2, verbose=False)
+  llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=2, verbose=False,
+                        logits_all=True)  # scores[i]: the logits after token i.
   for prompt in ["012", "4567", "90123"]:
     ids = tok.encode(prompt)
     ours = list(ids)
