@@ -14,11 +14,12 @@ rows of ``--seq_len``, on ``--mesh`` (default FSDP), and the sampler when ``--pr
 sets ``XLA_FLAGS=--xla_force_host_platform_device_count`` before JAX starts. Figures
 are ``compiled.memory_analysis()`` of the backend that compiled them
 (``fcp_jax/training/memory_plan.py``); empty remat/attention/loss_chunk keep the
-config's value.
+config's value. The exit status is 1 when a row does not fit (0 when all do).
 """
 
 import argparse
 import copy
+import itertools
 import os
 import re
 import sys
@@ -117,36 +118,34 @@ def main(argv: Sequence[str]) -> List[dict]:
               else (1, -1, 1) if variant else tuple(base.parallel.mesh_shape))
       par = sharding.build({"mode": "mesh", "mesh_shape": mesh,
                             "rules": sharding.DEFAULT_RULES}, devices)
-      for remat in _list(args.remat):
-        for attention in _list(args.attention):
-          for chunk in _list(args.loss_chunk, int):
-            config = copy.deepcopy(base)
-            config.unlock()
-            config.model.update({k: v for k, v in dict(
-                remat=remat, attention=attention, loss_chunk=chunk).items()
-                                 if v is not None})
-            model = transformer.from_config(config.model)
-            train, sample = _stage_shapes(config, args, par, memory_plan)
-            label = dict(variant=variant or config.model.variant, devices=len(devices),
-                         mesh="x".join(map(str, par.mesh.shape.values())),
-                         remat=model.remat, attention=model.attention,
-                         loss_chunk=model.loss_chunk,
-                         batch=f"{train['rows']}x{train['seq_len']}")
-            plans = memory_plan.plan_training(config, par, **train)
-            if sample:
-              plans += memory_plan.plan_sampling(config, par, **sample)
-            for plan in plans:
-              rows.append(dict(label=label, plan=plan))
-            print(f"planned {label}", file=sys.stderr, flush=True)
+      for remat, attention, chunk in itertools.product(
+          _list(args.remat), _list(args.attention), _list(args.loss_chunk, int)):
+        config = copy.deepcopy(base)
+        config.unlock()
+        config.model.update({k: v for k, v in dict(
+            remat=remat, attention=attention, loss_chunk=chunk).items() if v is not None})
+        model = transformer.from_config(config.model)
+        train, sample = _stage_shapes(config, args, par, memory_plan)
+        label = dict(variant=variant or config.model.variant, devices=len(devices),
+                     mesh="x".join(map(str, par.mesh.shape.values())),
+                     remat=model.remat, attention=model.attention,
+                     loss_chunk=model.loss_chunk,
+                     batch=f"{train['rows']}x{train['seq_len']}")
+        plans = memory_plan.plan_training(config, par, **train)
+        if sample:
+          plans += memory_plan.plan_sampling(config, par, **sample)
+        rows.extend(dict(label=label, plan=plan, fits=plan.spare(limit) >= 0)
+                    for plan in plans)
+        print(f"planned {label}", file=sys.stderr, flush=True)
   print(f"Per-device memory plans (XLA:{jax.default_backend().upper()} "
         f"memory_analysis); fits: total <= {1 - memory_plan.HEADROOM:.0%} of "
         f"{args.chip_gib:g} GiB")
   print(memory_plan.format_table(rows, limit))
-  if any(r["plan"].spare(limit) < 0 for r in rows):
+  if not all(r["fits"] for r in rows):
     print("\nDOES NOT FIT on some rows. Knobs that lower a plan:")
     print("\n".join(f"  - {k}" for k in memory_plan.KNOBS))
   return rows
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  sys.exit(0 if all(r["fits"] for r in main(sys.argv[1:])) else 1)
