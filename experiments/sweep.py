@@ -37,7 +37,8 @@ condition, the mean accuracy over seeds ± the half-width of its 95% confidence 
 (Student t with n - 1 degrees of freedom), n and the per-seed range; a group of one seed
 has no interval (``n=1``). Also the per-method budget (``budget.methods``) as the mean
 over seeds, the split and the CPU the arms ran on: ``WORKDIR/sweep.json``, ``sweep.md``
-and ``sweep.png``. When every arm evaluated the validation split (a tuning family), a
+and ``sweep.png`` (``sweep_FAMILY.*`` for ``--family FAMILY``, so families can share a
+workdir and its store). When every arm evaluated the validation split (a tuning family), a
 selection table names each method's best group by its mean accuracy under its native
 condition; arms on the test split are never selected on.
 """
@@ -512,9 +513,15 @@ def _read_json(path: str) -> Optional[Dict[str, Any]]:
     return json.load(f)
 
 
-def write_merged(workdir: str, arms: Sequence[Arm], failed: Mapping[str, str]
+def merged_name(family: Optional[str] = None) -> str:
+  """The merged files' stem: ``sweep``, or ``sweep_FAMILY`` for a config's family."""
+  return f"sweep_{family}" if family else "sweep"
+
+
+def write_merged(workdir: str, arms: Sequence[Arm], failed: Mapping[str, str],
+                 name: str = "sweep"
                  ) -> Tuple[Dict[str, Any], Dict[str, str], Dict[str, str]]:
-  """Merges the ``results.json`` of ``arms`` not in ``failed`` into ``WORKDIR/sweep.*``.
+  """Merges the ``results.json`` of ``arms`` not in ``failed`` into ``WORKDIR/NAME.*``.
 
   Returns (merged, paths, failed): arms with no ``results.json`` join ``failed``.
   Nothing is written when no arm has results.
@@ -541,9 +548,7 @@ def write_merged(workdir: str, arms: Sequence[Arm], failed: Mapping[str, str]
   # Tuning reads validation only: a selection is made from validation results alone.
   selection = select(merged) if split == "validation" else None
   machine = machine_line(infos)
-  paths = {"json": os.path.join(workdir, "sweep.json"),
-           "md": os.path.join(workdir, "sweep.md"),
-           "png": os.path.join(workdir, "sweep.png")}
+  paths = {ext: os.path.join(workdir, f"{name}.{ext}") for ext in ("json", "md", "png")}
   arms_json = {a.label: dict(workdir=a.workdir, seed=entries[a.label].get("seed"),
                              group=group_key(a.label), machine=infos[a.label])
                for a in arms if a.label in entries}
@@ -562,11 +567,13 @@ def write_merged(workdir: str, arms: Sequence[Arm], failed: Mapping[str, str]
 
 def run_sweep(config_path: str, base_arg: str, sweep: Sequence[Any], workdir: str,
               overrides: Sequence[str] = (), *, parallel: int = 1,
-              merge_only: bool = False) -> Tuple[Dict[str, Any], Dict[str, str]]:
+              merge_only: bool = False, name: str = "sweep"
+              ) -> Tuple[Dict[str, Any], Dict[str, str]]:
   """Runs every arm (``parallel`` at once), then merges; returns (merged, paths).
 
   ``parallel=1`` runs the arms one after the other in this process, more run as
-  processes of their own. ``merge_only`` merges the arms' results as they are. Raises
+  processes of their own. ``merge_only`` merges the arms' results as they are, into
+  ``WORKDIR/NAME.*`` (``merged_name``). Raises
   ``ArmsFailedError`` (after merging the others) when an arm failed or has no results.
   """
   if parallel < 1:
@@ -584,7 +591,7 @@ def run_sweep(config_path: str, base_arg: str, sweep: Sequence[Any], workdir: st
                   for a in arms}
       failed = _run_in_parallel(arms, commands, os.path.join(workdir, "logs"), parallel,
                                 progress)
-  merged, paths, failed = write_merged(workdir, arms, failed)
+  merged, paths, failed = write_merged(workdir, arms, failed, name)
   if failed:
     raise ArmsFailedError(failed, paths or None)
   return merged, paths
@@ -665,7 +672,8 @@ def main(argv: Sequence[str]) -> int:
   try:
     _, paths = run_sweep(config_path, base_arg, sweep_entries(config_path, opts),
                          workdir, overrides, parallel=opts["parallel"],
-                         merge_only=bool(opts.get("merge_only")))
+                         merge_only=bool(opts.get("merge_only")),
+                         name=merged_name(opts.get("family")))
   except ArmsFailedError as e:
     failure, paths = e, e.paths
     logging.error("%s", e)

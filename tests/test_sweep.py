@@ -147,6 +147,13 @@ def test_merge_only_reads_the_arms_results_and_budgets(tmp_path):
   assert "| warmup | 100 | 10 | 500 | 900 | 8 | 1 |" in md
   assert "| fcp_bootstrap | pool | 30.0 (n=1) | 80.0 (n=1) |" in md
   assert os.path.exists(paths["png"])
+  # A family's merge has files of its own beside the default sweep's.
+  _, family_paths = sweep.run_sweep(CONFIG, "runlocal", SWEEP, str(tmp_path),
+                                    merge_only=True, name=sweep.merged_name("arms"))
+  assert family_paths["json"] == str(tmp_path / "sweep_arms.json")
+  with open(family_paths["json"]) as f:
+    assert json.load(f)["groups"] == merged
+  assert os.path.exists(paths["json"]) and os.path.exists(family_paths["png"])
 
   # An arm without results: the others are merged, the missing one reported.
   os.remove(os.path.join(arms[1].workdir, "results.json"))
@@ -276,6 +283,17 @@ def test_results_readme_compares_with_fcp_bootstrap(tmp_path):
   assert "#### variant=tiny" in section  # A group without fcp_bootstrap: no sentences.
   s, ref = dict(mean=0.5, ci95=None), dict(mean=0.6, ci95=0.01)
   assert results_readme.verdict(s, ref).startswith("cannot be compared (n=1")
+
+
+def test_results_readme_writes_a_section_per_sweep_file(tmp_path, capsys):
+  main = _sweep_json(tmp_path / "sweep.json")
+  arms = _sweep_json(tmp_path / "sweep_arms.json")
+  assert results_readme.main([f"--sweep_json={tmp_path},{arms}"]) == 0
+  out = capsys.readouterr().out
+  assert out.index("### Results (test split)\n") < out.index(
+      "### Results (test split): arms\n")
+  assert out.count("vs fcp_bootstrap") == 2 * results_readme.results_section(
+      results_readme.load_sweep(main)).count("vs fcp_bootstrap")
 
 
 def test_results_readme_refuses_validation(tmp_path):
