@@ -1,7 +1,9 @@
-"""Helpers shared by tests and colabs: tiny models and tokenizers, kill-at callbacks."""
+"""Helpers shared by tests and colabs: tiny models and tokenizers, kill-at callbacks,
+drivers under ``experiments/`` loaded as modules."""
 
 import functools
 import importlib
+import importlib.util
 import os
 import signal
 import sys
@@ -27,6 +29,18 @@ def tiny_model(seed: int = 0, variant: str = "tiny", **overrides
 
 def char_tokenizer() -> tokenizer_lib.CharTokenizer:
   return tokenizer_lib.CharTokenizer()
+
+
+def load_driver(path: str):
+  """The script at ``path`` (e.g. ``experiments/export_gguf.py``) as a fresh module.
+
+  Drivers are leaves that no module imports; tests call their ``main`` this way.
+  """
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0] + "_driver", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def kill_at(event: str, index: int):

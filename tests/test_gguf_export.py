@@ -439,14 +439,6 @@ def test_qk_layouts_agree_with_the_importer():
 
 
 # --------------------------------------------------------------------- the command
-def _driver():
-  spec = importlib.util.spec_from_file_location(
-      "export_gguf", os.path.join(REPO, "experiments", "export_gguf.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_export_command(tmp_path, capsys):
   cfg, params = _model()
   workdir = tmp_path / "run"
@@ -454,7 +446,7 @@ def test_export_command(tmp_path, capsys):
   (workdir / "config.json").write_text(json.dumps(
       {"model": {"variant": "tiny", **DIMS}, "tokenizer": "char"}))
   packing.save_params(params, str(workdir / "params.safetensors"))
-  info = _driver().main(["--workdir", str(workdir), "--type", "tq1_0"])
+  info = testing.load_driver(os.path.join(REPO, "experiments", "export_gguf.py")).main(["--workdir", str(workdir), "--type", "tq1_0"])
   printed = capsys.readouterr().out
   assert "bits/weight" in printed and "1.6875" in printed and "file size" in printed
   assert info.path == str(workdir / "gguf" / "model.tq1_0.gguf")

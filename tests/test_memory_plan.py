@@ -1,7 +1,6 @@
 """Memory plans (``training/memory_plan.py``, ``experiments/memory_plan.py``) on the tiny
 variant with fake CPU devices, the drivers' check, and the named remat policies."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,17 +14,11 @@ from fcp_jax import testing
 from fcp_jax.models import transformer as tfm
 from fcp_jax.training import memory_plan
 from fcp_jax.training import sharding
+from fcp_jax.training import step as step_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(REPO, "experiments", "memory_plan.py")
 FIELDS = ("args (params+opt)", "temps", "outputs", "code", "total")
-
-
-def _driver():
-  spec = importlib.util.spec_from_file_location("memory_plan_driver", DRIVER)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _par(n=4):
@@ -51,7 +44,7 @@ def test_command_on_fake_devices_prints_fields_and_does_not_fit():
 
 
 def test_config_stage_plan_fits():
-  rows = _driver().main(["--config=configs/arith_fcp.py:runlocal", "--stage=warmup",
+  rows = testing.load_driver(DRIVER).main(["--config=configs/arith_fcp.py:runlocal", "--stage=warmup",
                          "--devices=2", "--remat=proj", "--chip_gib=16"])
   assert [(r["label"]["remat"], r["label"]["batch"]) for r in rows] == [("proj", "8x128")]
   for r in rows:
@@ -69,6 +62,11 @@ def test_check_before_training_stops_with_the_knobs():
   for word in ("train step", "does not fit", "GiB over", "temporaries", "remat",
                "loss_chunk", "attention", "more devices"):
     assert word in message, message
+  # A run's own built step is planned as it is: the same figures.
+  par = _par()
+  tr = step_lib.build_training(config, par, total_steps=1)
+  assert (memory_plan.plan_training(config, par, rows=4, seq_len=16, tr=tr)
+          == memory_plan.plan_training(config, par, rows=4, seq_len=16))
 
 
 def test_check_before_training_does_nothing_on_cpu(monkeypatch):

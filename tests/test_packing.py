@@ -2,7 +2,6 @@
 files, the export command and the bitnet.cpp / Hugging Face adapters."""
 
 import functools
-import importlib.util
 import json
 import os
 
@@ -12,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fcp_jax import testing
 from fcp_jax.models import packing
 from fcp_jax.models import ternary
 from fcp_jax.models import transformer
@@ -238,16 +238,8 @@ def test_tiny_model_packed_parity_other_methods_and_files(tmp_path):
 # ----------------------------------------------------------------- the command
 
 
-def _export_module():
-  spec = importlib.util.spec_from_file_location(
-      "export_packed", os.path.join(REPO, "experiments", "export_packed.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_export_command(tmp_path, capsys):
-  export = _export_module()
+  export = testing.load_driver(os.path.join(REPO, "experiments", "export_packed.py"))
   cfg = transformer.get_variant("tiny", **ABSMEAN_TINY)
   params = _init(cfg, TOKENS)
   workdir = tmp_path / "run"

@@ -106,10 +106,11 @@ def train_config(model: Mapping[str, Any], *, loss: str = "nll",
 
 
 def plan_training(config: Mapping[str, Any], par: Any, *, rows: int,
-                  seq_len: int) -> List[Plan]:
-  """The train step of ``config`` (``build_training``'s) on a global batch [rows, T]."""
+                  seq_len: int, tr: Optional[step_lib.Training] = None) -> List[Plan]:
+  """The train step of ``config`` (``build_training``'s, or ``tr`` if already built) on
+  a global batch [rows, T]."""
   par = _mesh_par(par)
-  tr = step_lib.build_training(config, par, total_steps=1)
+  tr = tr or step_lib.build_training(config, par, total_steps=1)
   with par.context():
     compiled = tr.train_step.jitted.lower(
         tr.abstract_state, abstract_batch(par, rows, seq_len)).compile()
@@ -203,11 +204,13 @@ def check_fits(plans: Sequence[Plan], limit_bytes: float, what: str = "") -> Non
 
 
 def check_before_training(config: Mapping[str, Any], par: Any, *, rows: int,
-                          seq_len: int, limit_bytes: Optional[float] = None) -> None:
+                          seq_len: int, limit_bytes: Optional[float] = None,
+                          tr: Optional[step_lib.Training] = None) -> None:
   """The drivers' check: plans the train step and raises ``DoesNotFit`` if too big.
 
   Does nothing on CPU (or pmap mode) unless ``limit_bytes`` is given; otherwise the
-  limit is the first local device's ``bytes_limit``.
+  limit is the first local device's ``bytes_limit``. ``tr``: the run's own
+  ``build_training`` result, planned as it is.
   """
   if limit_bytes is None:
     if jax.default_backend() == "cpu" or not isinstance(par, sharding_lib.MeshParallel):
@@ -215,7 +218,7 @@ def check_before_training(config: Mapping[str, Any], par: Any, *, rows: int,
     limit_bytes = device_limit()
     if not limit_bytes:
       return
-  plans = plan_training(config, par, rows=rows, seq_len=seq_len)
+  plans = plan_training(config, par, rows=rows, seq_len=seq_len, tr=tr)
   model = transformer_lib.from_config(config["model"])
   check_fits(plans, limit_bytes, what=(
       f"The train step (batch {rows} x {seq_len} on mesh {dict(par.mesh.shape)}, "

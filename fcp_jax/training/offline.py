@@ -239,7 +239,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   policy_lib.check_vocab(tok, tr.model_cfg)
   # On an accelerator: stop now if the step's memory plan exceeds the chip (not on CPU).
   memory_plan.check_before_training(config, par, rows=int(config.batch_size),
-                                    seq_len=int(config.data.max_len))
+                                    seq_len=int(config.data.max_len), tr=tr)
   quant_probe = None
   if tr.model_cfg.weight_quant != "none":
     from fcp_jax.models import ternary_training  # pylint: disable=g-import-not-at-top
