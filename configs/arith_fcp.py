@@ -24,7 +24,10 @@ Fair defaults (``docs/fcp_method.md``): every method starts from the same warm-u
 the same reference rows beyond it (``collect.references``: none), the same number of
 generated samples and the same training tokens (``budget.train_tokens``; the pipeline
 derives each stage's steps, GRPO's passes per round and RFT+GRPO's split from it and
-checks each method within ±10%). Findings behind the settings: ``docs/findings.md``.
+checks each method within ±10%). Each method's learning rate, RFT's filter and the
+bootstrap's lr factor are the validation selections of the ``TUNING`` families below
+(the bootstrap's factor at offline FCP's selected lr). Findings behind the settings:
+``docs/findings.md``.
 """
 
 import itertools
@@ -38,6 +41,7 @@ from . import common
 TASK = "chain_sum(min_terms=3, max_terms=5, min_digits=1, max_digits=1, compact=True)"
 FEEDBACK = "critic(noise=0.0, seed=0)"
 KIND = "reviewer"
+CPLUS_MIN_SCORE = 8  # The c+ pool's score threshold, and filtered RFT's.
 
 # Stage builders (``configs/common.py``); their defaults are this experiment's.
 _offline = common.offline_stage
@@ -94,7 +98,7 @@ def get_config(arg=None):
   config.collect = ml_collections.ConfigDict(dict(
       prompts=1500, num_samples=4, pairs=0, references=0, sampling="temperature(t=1.0)",
       max_new_tokens=48, batch_prompts=200, eval_fraction=0.05,
-      pool_min_score=8, pool_require_correct=True, negative_max_score=2))
+      pool_min_score=CPLUS_MIN_SCORE, pool_require_correct=True, negative_max_score=2))
 
   # 3. Offline FCP on the triples: log π(y | <EF>c</EF> x).
   config.offline = _offline(objective="fcp", steps=0, batch=18, lr=1e-3,
@@ -105,15 +109,15 @@ def get_config(arg=None):
   config.bootstrap = _online(objective="fcp", loss="nll(aggregation='token-mean')",
                              rounds=12, prompts=32, samples=4, mini_batch=32, lr=None,
                              max_len=184, max_new=48, task_size=2000)
-  config.bootstrap.lr_factor = 0.2
+  config.bootstrap.lr_factor = 0.005
 
   # Baselines from the same warm-up, samples and training tokens: RFT on the correct
-  # samples, GRPO (score / 10 reward; rounds from the sample budget), and RFT+GRPO
-  # (RFT on the collection, then GRPO for the bootstrap's rounds).
-  config.rft = _offline(objective="rft_null", steps=0, batch=12, lr=1e-3,
-                        max_len=128, data_name="rft")
+  # samples at the c+ threshold, GRPO (score / 10 reward; rounds from the sample
+  # budget), and RFT+GRPO (RFT on the collection, then GRPO for the bootstrap's rounds).
+  config.rft = _offline(objective=f"rft_null(min_score={CPLUS_MIN_SCORE})", steps=0,
+                        batch=12, lr=1e-3, max_len=128, data_name="rft")
   config.grpo = _online(objective="grpo", loss="grpo(clip_eps=0.2)", rounds=0,
-                        prompts=64, samples=4, mini_batch=32, lr=3e-4, max_len=80,
+                        prompts=64, samples=4, mini_batch=32, lr=3e-5, max_len=80,
                         max_new=48, task_size=2000)
   # Training tokens (non-padding inputs) of every method beyond the warm-up; the offline
   # and RFT stages take their steps from it (``total_steps=0``). 0: no budget, every
@@ -149,6 +153,7 @@ def get_config(arg=None):
     config.collect.update(prompts=24, num_samples=4, pairs=1, max_new_tokens=12,
                           batch_prompts=24, eval_fraction=0.2, pool_min_score=0,
                           pool_require_correct=False, negative_max_score=10)
+    config.rft.objective = "rft_null"  # Runlocal's c+ pool has no threshold either.
     for name in ("bootstrap", "grpo"):
       config[name].online.update(task_size=96, prompts_per_step=4, num_samples=2,
                                  mini_batch=8, max_new_tokens=12)
