@@ -20,12 +20,32 @@ from fcp_jax.training import sharding
 
 def optim(lr: Optional[float], *, schedule: str = "cosine(end_factor=0.1)",
           warmup_frac: float = 0.05, weight_decay: float = 0.0, b2: float = 0.95,
-          stage2_at: float = 0.0) -> ml_collections.ConfigDict:
-  """An ``optim`` section (``fcp_jax.training.optim``); stage 2 halves the lr if set."""
-  return ml_collections.ConfigDict(dict(
+          stage2_at: float = 0.0, weight_decay_schedule: Optional[str] = None
+          ) -> ml_collections.ConfigDict:
+  """An ``optim`` section (``fcp_jax.training.optim``); stage 2 halves the lr if set.
+
+  ``weight_decay_schedule`` (``optim.SCHEDULES``) is a key only when given: sections
+  without it keep their stage keys (and the constant weight decay).
+  """
+  c = ml_collections.ConfigDict(dict(
       lr=lr, schedule=schedule, warmup_steps=0, warmup_frac=warmup_frac, b1=0.9,
       b2=b2, eps=1e-8, weight_decay=weight_decay, clip_norm=1.0, stage2_at=stage2_at,
       stage2_lr_factor=0.5 if stage2_at else 1.0, stage2_weight_decay=0.0))
+  if weight_decay_schedule is not None:
+    c.weight_decay_schedule = weight_decay_schedule
+  return c
+
+
+def bitnet_2b4t(weight_decay: float = 0.1, stage2_at: float = 0.5) -> Dict[str, Any]:
+  """``optim``'s arguments for BitNet b1.58 2B4T's two-stage schedule.
+
+  Cosine LR, halved at ``stage2_at`` (the cooldown); weight decay a cosine from
+  ``weight_decay`` (after the warm-up) to 0 at ``stage2_at``, and 0 in stage 2
+  (``docs/ternary_methods.md`` §1.1). ``optim(lr, **bitnet_2b4t())``, or a stage's
+  ``optim_args=bitnet_2b4t()``.
+  """
+  return dict(schedule="cosine", weight_decay=weight_decay,
+              weight_decay_schedule="cosine", stage2_at=stage2_at)
 
 
 def parallel() -> ml_collections.ConfigDict:

@@ -13,7 +13,7 @@ vocabulary padded to 49,280; SFT warm-up on GSM8K train under the null condition
 the RFT and GRPO baselines; greedy evaluation on GSM8K test under the feedback
 conditions.
 
-Args (``:runlocal,seed=0,ternary=none,stage=``):
+Args (``:runlocal,seed=0,ternary=none,distill=none,stage=``):
   runlocal: a few steps of every stage on CPU (tiny batches, short lengths, a handful
     of prompts and eval questions): the test suite runs it end to end. Everything else
     is meant for an accelerator.
@@ -24,6 +24,11 @@ Args (``:runlocal,seed=0,ternary=none,stage=``):
     "An Extra RMSNorm is All You Need for Fine Tuning to 1.58 Bits"). Ternary recipes
     fine-tune the pretrained model to 1.58 bits during the SFT warm-up with a layer-wise
     λ warm-up (λ: 0 = float, 1 = ternary), then keep λ = 1 in every later stage.
+  distill: a ternary recipe's warm-up distils from the float pretrained base (its
+    ``init_from``; ``docs/ternary_methods.md`` §2.6) besides the SFT loss: ``none``
+    (off; no ``distill`` section, so the stage keys are those without the arg),
+    ``kl`` (logit KL, τ = 1), ``off_cosine`` (the KL plus TernaryLLM's OFF cosine loss
+    on every layer's hidden states) or ``mse`` (the KL plus TBT's hidden-state MSE).
   stage: ``""`` for the pipeline config; ``warmup``, ``offline``, ``rft`` (configs of
     ``fcp_jax.train``), ``bootstrap``, ``grpo`` (of ``fcp_jax.bootstrap``) or ``eval``
     (of ``fcp_jax.evaluate``) for one stage alone: pass a pipeline run's base folder as
@@ -71,6 +76,7 @@ import ml_collections
 
 from fcp_jax import config_lib
 from fcp_jax.data import chat
+from fcp_jax.training import distill as distill_lib
 
 from . import common
 
@@ -96,12 +102,30 @@ TERNARY = {
                           extra_rmsnorm=True),
 }
 TERNARY_ALIASES = {"false": "none", "0": "none", "true": "extra_rmsnorm"}
+# Distillation of the ternary warm-up from the float base: ``distill`` section fields
+# (with ``teacher="init_from"``) by arg; ``none`` adds no section. The weights put each
+# term's start value near the KL's (``docs/ternary_methods.md`` §2.6).
+DISTILL = {
+    "none": None,
+    "kl": dict(),
+    "off_cosine": dict(feature="off_cosine", feature_weight=1.0),
+    "mse": dict(feature="mse", feature_weight=1e-4),
+}
 
 
 def _ternary(name: str) -> str:
   name = TERNARY_ALIASES.get(name.lower(), name)
   if name not in TERNARY:
     raise ValueError(f"gsm8k_smollm2: ternary={name!r}; options {sorted(TERNARY)}.")
+  return name
+
+
+def _distill(name: str, ternary: str) -> str:
+  if name not in DISTILL:
+    raise ValueError(f"gsm8k_smollm2: distill={name!r}; options {sorted(DISTILL)}.")
+  if name != "none" and ternary == "none":
+    raise ValueError(f"gsm8k_smollm2: distill={name!r} distils the ternary warm-up "
+                     "from the float base; it needs a ternary recipe (ternary=...).")
   return name
 
 
@@ -117,8 +141,10 @@ _online = functools.partial(
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, runlocal=False, seed=0, ternary="none", stage="")
+  arg = config_lib.parse_arg(arg, runlocal=False, seed=0, ternary="none",
+                             distill="none", stage="")
   arg.ternary = _ternary(arg.ternary)
+  arg.distill = _distill(arg.distill, arg.ternary)
   quantized = arg.ternary != "none"
   # Runlocal: no system prompt, the short answer instruction and short problems
   # (RUNLOCAL_TASK_SEED), so CPU sequences stay under 96 (SFT) / 128 tokens.
@@ -153,6 +179,9 @@ def get_config(arg=None):
     config.warmup.total_steps = 480
     config.warmup.optim.lr = 2e-4
     config.warmup.quant.update(lambda_ramp=100, lambda_stagger=3)
+  if arg.distill != "none":  # The teacher: the float base the warm-up starts from.
+    config.warmup.distill = distill_lib.section(teacher=distill_lib.INIT_FROM,
+                                                **DISTILL[arg.distill])
 
   # 2. Collect 8 samples per train prompt (T=1, null condition); keep prompts with
   #    mixed outcomes, one correct and one incorrect response each; pool of c+ and

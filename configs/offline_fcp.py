@@ -20,6 +20,7 @@ import ml_collections
 
 from fcp_jax import config_lib
 from fcp_jax.data import chat
+from fcp_jax.training import distill
 
 from . import common
 
@@ -47,6 +48,8 @@ def get_config(arg=None):
   config.quant = ml_collections.ConfigDict(dict(
       lambda_start=0, lambda_ramp=0, lambda_stagger=0, act_alpha_from_data=True))
   config.loss = "nll(aggregation='token-mean')"   # losses.LOSSES
+  # Distillation from a frozen float teacher (training/distill.py); teacher None: off.
+  config.distill = distill.section()
 
   config.optim = common.optim(1e-3)
 

@@ -219,6 +219,10 @@ def test_sigkill_mid_round_resume_is_bitwise_equal(tmp_path):
     resumed = [json.loads(line) for line in f]
   # The resumed run re-sampled round 1 and got every answer of it from the cache.
   assert resumed[-1]["feedback/hits"] >= rows_per_round
+  # The ternary code flips of each round, resumed or not (codes kept from the checkpoint).
+  with open(straight / "metrics.jsonl") as f:
+    flips = [json.loads(line)["quant/flip_rate"] for line in f]
+  assert [r["quant/flip_rate"] for r in resumed] == flips and len(flips) == 3
 
   # Bitwise equal final parameters and optimizer step.
   cfg = _config("runlocal,stage=bootstrap")
@@ -288,6 +292,8 @@ def test_grpo_kl_is_to_the_starting_policy_and_rounds_log_their_batch_nll(tmp_pa
     assert r["train/updates"] == on.prompts_per_step * on.num_samples // on.mini_batch
     assert r["rollout/batch_nll_before"] > 0 and r["rollout/batch_nll_after"] > 0
     assert r["train/input_tokens"] > r["train/tokens"] > 0
+    # A ternary model (runlocal's default): the share of codes the round changed.
+    assert 0 < r["quant/flip_rate"] <= 1 and 0 <= r["quant/q_proj/flip_rate"] <= 1
   # Logged before and after the round's update: round 1's update moved the policy, so
   # its rows' NLL changed (a value logged twice, or before the update, would not).
   assert rounds[0]["rollout/batch_nll_after"] != rounds[0]["rollout/batch_nll_before"]

@@ -2,6 +2,7 @@
 activations, a_alpha from data, SEQ's ParetoQ gradient and DLT groups by default,
 group sizes that do not divide K, the code flip rate."""
 
+import functools
 import math
 
 import flax.linen as nn
@@ -250,3 +251,88 @@ def test_flip_rate_uses_the_learned_scales():
   after = np.abs(w) >= a / 6
   rate = ternary_training.flip_rates(old, new, cfg)["quant/layers/attn/q_proj/flip_rate"]
   assert rate == pytest.approx((before != after).mean()) and rate > 0
+
+
+@pytest.mark.parametrize("mode,mesh_shape,scan", [("mesh", (2, 2, 2), False),
+                                                  ("mesh", (1, 4, 2), True),
+                                                  ("pmap", None, False)])
+def test_flip_rate_tracker_on_sharded_params_equals_flip_rates(mode, mesh_shape, scan):
+  """``FlipRate`` between train steps (which donate the state) under both parallel
+  modes: its codes keep the kernels' shardings, its rates are ``flip_rates``'."""
+  config = ml_collections.ConfigDict(dict(
+      model=dict(variant="tiny", weight_quant="absmean", act_quant="absmax_int8",
+                 scan_layers=scan),
+      optim=dict(lr=3e-2, schedule="constant", warmup_steps=0, weight_decay=0.0,
+                 clip_norm=1.0, b1=0.9, b2=0.95),
+      loss="nll", quant=dict(lambda_start=0, lambda_ramp=0, lambda_stagger=0)))
+  par = sharding.build({"mode": mode, "mesh_shape": mesh_shape})
+  tr = step_lib.build_training(config, par, total_steps=4)
+  state = tr.create_state(jax.random.PRNGKey(0))
+  flips = ternary_training.FlipRate(tr.model_cfg, state.params)
+  q_proj = ("layers", "attn", "q_proj") if scan else ("layers_0", "attn", "q_proj")
+  kernel = functools.reduce(lambda t, k: t[k], q_proj, state.params)["kernel"]
+  assert flips._codes[0].sharding == kernel.sharding  # pylint: disable=protected-access
+  assert flips._codes[0].dtype == jnp.int8  # pylint: disable=protected-access
+  unchanged = flips(state.params)
+  assert unchanged["quant/flip_rate"] == 0.0 and unchanged["quant/q_proj/flip_rate"] == 0.0
+  rs = np.random.RandomState(0)
+  batch = dict(tokens=rs.randint(1, 128, (8, 12)).astype(np.int32),
+               positions=np.tile(np.arange(12, dtype=np.int32), (8, 1)),
+               segment_ids=np.ones((8, 12), np.int32),
+               loss_mask=np.ones((8, 12), np.float32))
+  old = jax.device_get(state.params)
+  for _ in range(2):
+    state, _ = tr.train_step(state, par.put_batch(batch))
+  got = flips(state.params)
+  want = ternary_training.flip_rates(old, jax.device_get(state.params), tr.model_cfg)
+  assert 0 < got["quant/flip_rate"] < 1
+  assert got["quant/flip_rate"] == pytest.approx(want["quant/flip_rate"], rel=1e-12)
+  kinds = {k.split("/")[-2] for k in want if k.count("/") > 1}
+  assert set(got) == {"quant/flip_rate"} | {f"quant/{k}/flip_rate" for k in kinds}
+  if scan:  # One kernel per kind: the per-kind rate is the kernel's.
+    assert got["quant/q_proj/flip_rate"] == pytest.approx(
+        want["quant/layers/attn/q_proj/flip_rate"], rel=1e-12)
+  assert flips(state.params)["quant/flip_rate"] == 0.0  # Since the previous call.
+
+
+@pytest.mark.slow
+def test_offline_runs_log_the_flip_rate_of_ternary_models_only(tmp_path):
+  """At each logged step: in [0, 1], > 0 with updates, 0 at lr 0; none for float
+  models; a run stopped and resumed logs the same rates (and losses)."""
+  from test_train_driver import build_triples, local_config  # pylint: disable=g-import-not-at-top
+  data_dir = build_triples(str(tmp_path / "tfds"), n_train=32, n_eval=8)
+  args = {"total_steps": 10, "log_every": 5, "checkpoint.every": 5, "eval.every": 0,
+          "plots": False}
+
+  def logged(workdir, key):
+    records = offline.metrics_lib.read_jsonl(str(tmp_path / workdir / "metrics.jsonl"))
+    return [(r["step"], r[key]) for r in records if key in r]
+
+  def run(name, arg="runlocal,ternary=True", callbacks=(), **extra):
+    offline.run(local_config(data_dir, arg, **{**args, **extra}), str(tmp_path / name),
+                callbacks=callbacks)
+
+  run("straight")
+  rates = logged("straight", "quant/flip_rate")
+  assert [s for s, _ in rates] == [5, 10]
+  assert all(0 < r <= 1 for _, r in rates), rates
+  assert len(logged("straight", "quant/q_proj/flip_rate")) == 2
+
+  class Stop(Exception):
+    pass
+
+  def stop_at_7(event, step):
+    if (event, step) == ("step", 7):
+      raise Stop()
+
+  with pytest.raises(Stop):
+    run("resumed", callbacks=[stop_at_7])
+  run("resumed")
+  assert logged("resumed", "quant/flip_rate") == rates
+  assert logged("resumed", "train/loss") == logged("straight", "train/loss")
+
+  run("frozen", **{"optim.lr": 0.0, "total_steps": 5})
+  assert logged("frozen", "quant/flip_rate") == [(5, 0.0)]
+  run("float", arg="runlocal", total_steps=5)
+  records = offline.metrics_lib.read_jsonl(str(tmp_path / "float" / "metrics.jsonl"))
+  assert records and not any(k.startswith("quant/") for r in records for k in r)

@@ -6,17 +6,19 @@ the per-layer λ warm-up (``lambda_schedule``), the optimizer's weight-decay mas
 float ↔ ternary parameter conversions of checkpoints (``strip_quant_params``,
 ``fill_quant_params``), the data-dependent init of elastic steps (``init_act_alphas``),
 the flattening of the sown monitoring values (``quant_metrics``) and the code flip rate
-between two parameter trees (``flip_rates``). ``docs/ternary_methods.md`` §2.4
-describes the schedule and mask.
+between two parameter trees (``flip_rates``), or, in a training loop, since the last
+logged step (``FlipRate``, on device). ``docs/ternary_methods.md`` §2.4 describes the
+schedule and mask.
 """
 
 import functools
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from fcp_jax.models import packing
 from fcp_jax.models import ternary
@@ -128,14 +130,32 @@ def init_act_alphas(model: nn.Module, params: Any, tokens: Array, *,
   return _merge(params, jit(alphas)(stripped, tokens, inputs))
 
 
-@functools.lru_cache(maxsize=None)
-def _codes_fn(weight_quant: str, shard_axis: int, num_lead: int):
-  """Jitted ``(kernel, qparams) -> codes [..., K, N]`` (vmapped over ``num_lead`` axes)."""
+def _codes(weight_quant: str, shard_axis: int, num_lead: int):
+  """``(kernel, qparams) -> codes [..., K, N]`` (vmapped over ``num_lead`` axes)."""
   wq = ternary.weight_quantizer(weight_quant, shard_axis)
   codes = lambda w, qp: wq.quantize(w.astype(jnp.float32), qp).codes
   for _ in range(num_lead):
     codes = jax.vmap(codes)
-  return jax.jit(codes)
+  return codes
+
+
+@functools.lru_cache(maxsize=None)
+def _codes_fn(weight_quant: str, shard_axis: int, num_lead: int):
+  """Jitted ``_codes``."""
+  return jax.jit(_codes(weight_quant, shard_axis, num_lead))
+
+
+def _quantized_layers(cfg: Any) -> Dict[Tuple[str, ...], Any]:
+  """``packing.ternary_layers`` of ``cfg`` whose weights are quantized."""
+  return {path: info for path, info in packing.ternary_layers(cfg).items()
+          if info.weight_quant != "none"}
+
+
+def _layer_codes(info: Any, layer: Dict[str, Array]) -> Array:
+  """Codes [..., K, N] of one TernaryDense's params (its own scales, if learned)."""
+  fn = _codes(info.weight_quant, ternary.shard_axis_of(info.kernel_axes),
+              layer["kernel"].ndim - 2)
+  return fn(layer["kernel"], {n: layer[n] for n in ("w_alpha", "w_shift") if n in layer})
 
 
 def flip_rates(old_params: Any, new_params: Any, cfg: Any,
@@ -149,9 +169,7 @@ def flip_rates(old_params: Any, new_params: Any, cfg: Any,
   trees = nn.unbox(old_params), nn.unbox(new_params)
   out: Dict[str, float] = {}
   flips = total = 0
-  for path, info in packing.ternary_layers(cfg).items():
-    if info.weight_quant == "none":
-      continue
+  for path, info in _quantized_layers(cfg).items():
     old, new = (functools.reduce(lambda t, p: t[p], path, tree) for tree in trees)
     fn = _codes_fn(info.weight_quant, ternary.shard_axis_of(info.kernel_axes),
                    old["kernel"].ndim - 2)
@@ -168,6 +186,66 @@ def flip_rates(old_params: Any, new_params: Any, cfg: Any,
 def flip_rate(old_params: Any, new_params: Any, cfg: Any) -> float:
   """Overall fraction of ternary codes that changed (see ``flip_rates``)."""
   return flip_rates(old_params, new_params, cfg, prefix="quant").get("quant/flip_rate", 0.0)
+
+
+class FlipRate:
+  """Fraction of ternary codes that changed since the previous call, on device.
+
+      flips = FlipRate(cfg, state.params)   # keeps the codes of these params
+      metrics = flips(state.params)         # after some updates; keeps the new codes
+
+  Keeps the codes of every quantized kernel (int8, one byte per weight, each sharded
+  as its kernel) instead of a copy of the params: the train step donates its state.
+  One jitted call per step computes the new codes and the changed counts per kernel
+  (and per scanned layer, in int32), replicated, so every process of a multi-process
+  run gets the same numbers without gathering a sharded array. Returns
+  ``{prefix}/flip_rate`` over all kernels and ``{prefix}/{kind}/flip_rate`` per
+  projection kind (``q_proj``, ..., summed over layers): ``flip_rates``' totals.
+  ``params``: a plain (unboxed) tree of ``Transformer(cfg)``, e.g. ``state.params``.
+  """
+
+  def __init__(self, cfg: Any, params: Any, prefix: str = "quant"):
+    self.prefix = prefix
+    self.layers = _quantized_layers(cfg)
+    if not self.layers:
+      raise ValueError("FlipRate: the model has no ternary weights.")
+    kernels = [functools.reduce(lambda t, p: t[p], path, params)["kernel"]
+               for path in self.layers]
+    # Counts per kernel's leading (scanned layer) index: int32 never overflows.
+    self._sizes = [np.prod(k.shape[-2:]) for k in kernels]
+    self._slices = np.cumsum([0] + [int(np.prod(k.shape[:-2])) for k in kernels])
+    shardings = [k.sharding if isinstance(getattr(k, "sharding", None), NamedSharding)
+                 else None for k in kernels]
+    mesh = next((s.mesh for s in shardings if s is not None), None)
+    replicated = NamedSharding(mesh, P()) if mesh is not None else None
+    codes_fn = lambda p: [_layer_codes(info, functools.reduce(lambda t, k: t[k], path, p))
+                          .astype(jnp.int8) for path, info in self.layers.items()]
+
+    def update(old_codes, p):
+      new_codes = codes_fn(p)  # [..., K, N] int8 each
+      changed = [jnp.sum(o != n, axis=(-2, -1), dtype=jnp.int32).reshape(-1)
+                 for o, n in zip(old_codes, new_codes)]
+      return new_codes, jnp.concatenate(changed)  # [sum of lead sizes]
+
+    self._init = jax.jit(codes_fn, out_shardings=shardings)
+    self._update = jax.jit(update, out_shardings=(shardings, replicated),
+                           donate_argnums=(0,))  # The old codes.
+    self._codes = self._init(params)
+
+  def __call__(self, params: Any) -> Dict[str, float]:
+    self._codes, changed = self._update(self._codes, params)
+    changed = np.asarray(jax.device_get(changed), np.int64)
+    flips: Dict[str, int] = {}
+    sizes: Dict[str, int] = {}
+    for i, path in enumerate(self.layers):
+      part = changed[self._slices[i]:self._slices[i + 1]]
+      kind = path[-1]
+      flips[kind] = flips.get(kind, 0) + int(part.sum())
+      sizes[kind] = sizes.get(kind, 0) + int(self._sizes[i]) * len(part)
+    out = {f"{self.prefix}/flip_rate": sum(flips.values()) / sum(sizes.values())}
+    out.update({f"{self.prefix}/{kind}/flip_rate": flips[kind] / sizes[kind]
+                for kind in sorted(flips)})
+    return out
 
 
 def quant_metrics(intermediates: Any, prefix: str = "quant") -> Dict[str, float]:

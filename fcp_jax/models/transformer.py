@@ -9,6 +9,9 @@
     hidden, _ = model.apply({"params": params}, tokens, positions,
                             return_hidden=True)                              # [B, T, D]
     logits = project(cfg, params, hidden[:, :128])          # the head on a few positions
+    (hidden, _), sown = model.apply({"params": params}, tokens, return_hidden=True,
+                                    mutable=[HIDDEN])
+    layer_states = layer_hidden(cfg, sown)                  # [L, B, T, D] block outputs
 
 The cache is a plain pytree passed in and returned (no mutable collection):
 
@@ -31,6 +34,10 @@ vector (one value per layer, for layer-wise warm-up), so schedules never recompi
 ``attention`` selects the score computation (``layers.ATTENTION``); ``loss_chunk`` makes
 the training steps apply the output head a chunk of positions at a time
 (``losses.chunked_target_stats``), so float32 [B, T, V] logits never exist at once.
+
+Every block sows its output (the residual stream after the layer) into the ``HIDDEN``
+collection, a no-op unless the caller makes it mutable (distillation's hidden-state
+losses, ``training/distill.py``).
 """
 
 import dataclasses
@@ -43,6 +50,7 @@ import jax.numpy as jnp
 from fcp_jax.models import layers
 
 Array = jax.Array
+HIDDEN = "hidden_states"  # The collection of per-layer block outputs (``layer_hidden``).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,6 +272,7 @@ class Block(nn.Module):
     x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
     x = x + layers.MLP(cfg, name="mlp")(norm("mlp_norm")(x), qlambda)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    self.sow(HIDDEN, "out", x)  # [B, T, D]; kept only when HIDDEN is mutable.
     return x, layer_cache
 
 
@@ -309,7 +318,7 @@ class Transformer(nn.Module):
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       x, kv_cache = nn.scan(
-          block, variable_axes={"params": 0, "intermediates": 0},
+          block, variable_axes={"params": 0, "intermediates": 0, HIDDEN: 0},
           split_rngs={"params": True}, length=cfg.num_layers,
           in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
           metadata_params={nn.PARTITION_NAME: "layers"},
@@ -335,6 +344,14 @@ class Transformer(nn.Module):
     if return_hidden:  # The head is left to the caller (``project``).
       return x, new_cache
     return _unembed(cfg, embed, x, qlambda), new_cache
+
+
+def layer_hidden(cfg: TransformerConfig, sown: dict) -> Array:
+  """[L, B, T, D]: every block's output from the ``HIDDEN`` collection of an apply."""
+  states = sown[HIDDEN]
+  if cfg.scan_layers:
+    return states["layers"]["out"][0]  # Stacked by the scan: [L, B, T, D].
+  return jnp.stack([states[f"layers_{i}"]["out"][0] for i in range(cfg.num_layers)])
 
 
 def count_params(params) -> int:

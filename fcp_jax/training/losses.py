@@ -96,7 +96,7 @@ def count_sequences(mask: Array) -> Array:
   return jnp.sum(mask * (1.0 - prev))
 
 
-def _predictions(logits: Array, targets: Array) -> Tuple[Array, Array]:
+def predictions(logits: Array, targets: Array) -> Tuple[Array, Array]:
   """Float32 ``log p(targets)`` and argmax hits (bool), [B, C] each, of [B, C, V] logits."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, C, V]
   correct = jnp.argmax(logits, axis=-1) == targets  # [B, C]
@@ -105,12 +105,32 @@ def _predictions(logits: Array, targets: Array) -> Tuple[Array, Array]:
 
 def target_stats(logits: Array, tokens: Array) -> Tuple[Array, Array]:
   """Log-probs and argmax hits [B, T-1] of the targets ``tokens[:, 1:]``."""
-  return _predictions(logits[:, :-1], tokens[:, 1:])
+  return predictions(logits[:, :-1], tokens[:, 1:])
 
 
 def token_logprobs(logits: Array, tokens: Array) -> Array:
   """[B, T-1] float32: ``log p(tokens[:, 1:])`` under ``logits[:, :-1]``."""
   return target_stats(logits, tokens)[0]
+
+
+def map_chunks(fn: Callable[..., Any], arrays: Tuple[Array, ...], chunk: int) -> Any:
+  """``fn`` over ``chunk`` positions at a time: [B, N, ...] arrays -> [B, N] outputs.
+
+  ``fn`` maps a tuple of [B, C, ...] slices of ``arrays`` to a tree of [B, C] arrays;
+  N is padded up to a multiple of ``chunk``. A ``lax.map`` over chunks with each chunk
+  under ``jax.checkpoint``: the forward keeps only the [B, N] results and the backward
+  recomputes one chunk at a time.
+  """
+  b, n = arrays[0].shape[:2]
+  k = -(-n // chunk)
+  pad = k * chunk - n
+
+  def split(a):  # [B, N, ...] -> [k, B, C, ...]
+    a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
+    return a.reshape((b, k, chunk) + a.shape[2:]).swapaxes(0, 1)
+
+  out = jax.lax.map(jax.checkpoint(fn), tuple(split(a) for a in arrays))  # [k, B, C]
+  return jax.tree.map(lambda o: o.swapaxes(0, 1).reshape(b, k * chunk)[:, :n], out)
 
 
 def chunked_target_stats(hidden: Array, tokens: Array,
@@ -122,27 +142,10 @@ def chunked_target_stats(hidden: Array, tokens: Array,
     hidden: [B, T, D] states before the output head.
     tokens: [B, T] int32.
     project: the output head, [B, C, D] -> float32 logits [B, C, V].
-    chunk: positions per chunk; T-1 is padded up to a multiple of it.
-
-  A ``lax.map`` over chunks with each chunk under ``jax.checkpoint``: the forward keeps
-  only [B, T-1] results and the backward recomputes one chunk's [B, C, V] at a time.
+    chunk: positions per chunk (``map_chunks``).
   """
-  b, t, d = hidden.shape
-  n = -(-(t - 1) // chunk)
-  pad = n * chunk - (t - 1)
-  x = jnp.pad(hidden[:, :-1], ((0, 0), (0, pad), (0, 0)))  # [B, n*C, D]
-  x = x.reshape(b, n, chunk, d).swapaxes(0, 1)  # [n, B, C, D]
-  y = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad)))  # [B, n*C]
-  y = y.reshape(b, n, chunk).swapaxes(0, 1)  # [n, B, C]
-
-  @jax.checkpoint
-  def chunk_stats(xy):
-    x, y = xy  # [B, C, D], [B, C]
-    return _predictions(project(x), y)  # [B, C] each
-
-  logp, correct = jax.lax.map(chunk_stats, (x, y))  # [n, B, C] each
-  unchunk = lambda a: a.swapaxes(0, 1).reshape(b, n * chunk)[:, :t - 1]  # [B, T-1]
-  return unchunk(logp), unchunk(correct)
+  stats = lambda xy: predictions(project(xy[0]), xy[1])  # [B, C] each
+  return map_chunks(stats, (hidden[:, :-1], tokens[:, 1:]), chunk)  # [B, T-1] each
 
 
 def _aggregate(per_token: Array, mask: Array, aggregation: str, correct: Array,

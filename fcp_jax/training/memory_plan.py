@@ -111,9 +111,10 @@ def plan_training(config: Mapping[str, Any], par: Any, *, rows: int,
   a global batch [rows, T]."""
   par = _mesh_par(par)
   tr = tr or step_lib.build_training(config, par, total_steps=1)
+  teacher = () if tr.teacher is None else (tr.teacher.abstract,)  # Distillation.
   with par.context():
     compiled = tr.train_step.jitted.lower(
-        tr.abstract_state, abstract_batch(par, rows, seq_len)).compile()
+        tr.abstract_state, abstract_batch(par, rows, seq_len), *teacher).compile()
   return [from_compiled("train", compiled)]
 
 

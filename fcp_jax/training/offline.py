@@ -26,7 +26,18 @@ also a valid ``config.tokenizer``). A ternary model started from a float checkpo
 the ternary-only params it lacks (extra-RMSNorm gains, ...) from their initialisers,
 and says so in the log; any other missing parameter is an error. Elastic activation
 steps (``a_alpha``) initialised so (not loaded) are then set from the first train batch
-(``config.quant.act_alpha_from_data``, default True; a no-op for other quantizers).
+(``config.quant.act_alpha_from_data``, default True; a no-op for other quantizers). At
+each logged step a ternary run also writes ``quant/flip_rate``: the share of weight
+codes changed since the previous logged step, overall and per projection kind
+(``ternary_training.FlipRate``).
+
+Any objective can distil from a frozen float teacher (``config.distill``,
+``fcp_jax/training/distill.py``; absent or ``teacher`` None: off): the train loss adds
+the KL between teacher and student logits over the response positions, and optionally
+a hidden-state term (TernaryLLM's OFF cosine or an MSE), to the task loss, reported as
+``train/distill_kl``, ``train/distill_feature`` and ``train/distill_ce``. Its
+``teacher="init_from"`` is the checkpoint the run starts from (a ternary warm-up: the
+float pretrained base). The held-out loss stays the task loss.
 
 ``callbacks``: functions called as ``callback("step", step)`` after each update is
 logged and its checkpoint (if due) committed (tests use them to stop a run at a known
@@ -237,6 +248,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   # -------------------------------------------------------------------------------------
   tr = step_lib.build_training(config, par, total_steps=total_steps)
   policy_lib.check_vocab(tok, tr.model_cfg)
+  if tr.teacher is not None:  # Distillation: read the frozen teacher once, up front.
+    tr.teacher.load()
   # On an accelerator: stop now if the step's memory plan exceeds the chip (not on CPU).
   memory_plan.check_before_training(config, par, rows=int(config.batch_size),
                                     seq_len=int(config.data.max_len), tr=tr)
@@ -284,6 +297,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       state = state.replace(params=checkpoint_lib.restore_params(
           config.init_from, tr.abstract_state.params, fill_missing=fill_missing))
   start_step = int(jax.device_get(state.step))
+  # Ternary code flips since the previous logged step (float models: none). Resumes
+  # at a checkpoint, which is always a logged step: the same numbers as unresumed.
+  flip_rate = None
+  if tr.model_cfg.weight_quant != "none":
+    from fcp_jax.models import ternary_training  # pylint: disable=g-import-not-at-top
+    flip_rate = ternary_training.FlipRate(tr.model_cfg, state.params)
 
   # -------------------------------------------------------------------------------------
   # Loop.
@@ -329,6 +348,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           last_train = m
         speed = progress.report(step)
         writer.write(step, {f"speed/{k}": v for k, v in speed.items()})
+        if flip_rate is not None:  # Every process computes it (SPMD); process 0 writes.
+          writer.write(step, flip_rate(state.params))
         logging.info("%s", progress.line(step, last_train, speed))
       if eval_due or (step == total_steps and eval_batches):
         run_eval(step)

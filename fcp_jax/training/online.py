@@ -28,7 +28,8 @@ One round (a "bootstrap step"):
    round: the NLL of the round's rows before and after its updates
    (``rollout/batch_nll_before``, ``_after``), the share of correct rollouts and the
    mean feedback score; ``train/tokens``, ``train/input_tokens`` and ``train/updates``
-   are the round's sums (``metrics.training_budget``).
+   are the round's sums (``metrics.training_budget``); ternary models add the share of
+   weight codes the round changed (``quant/flip_rate``, ``ternary_training.FlipRate``).
 
 The round state (round, prompt cursor, RNG key, pool) is stored with the model in the
 same orbax step (``Checkpointer`` extra item ``online``); every random choice is derived
@@ -320,6 +321,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                                                                  abstract.params))
     start_round = 0
     tokens_done = 0  # Input tokens trained on so far (the token budget's account).
+  # Ternary code flips per round (float models: none); a resumed run starts from the
+  # codes of its checkpoint, the end of the previous round.
+  flip_rate = None
+  if model_cfg.weight_quant != "none":
+    from fcp_jax.models import ternary_training  # pylint: disable=g-import-not-at-top
+    flip_rate = ternary_training.FlipRate(model_cfg, state.params)
   ref_params = None
   if kl_coef:  # The starting policy, the same on a resumed run.
     ref_params = (checkpoint_lib.restore_params(config.init_from, abstract.params)
@@ -427,6 +434,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           "feedback/hits": float(env.hits), "feedback/misses": float(env.misses),
           "time/round_s": time.perf_counter() - t0,
       }
+      if flip_rate is not None:  # Every process computes it (SPMD); process 0 writes.
+        round_metrics.update(flip_rate(state.params))
       if (r + 1) % int(config.log_every) == 0 or r + 1 == rounds:
         speed = progress.report(r + 1)
         round_metrics.update({f"speed/{k}": v for k, v in speed.items()})

@@ -15,6 +15,25 @@ becomes ``stage2_weight_decay`` (0 in BitNet). LR and WD go through
 ``optax.inject_hyperparams`` so the schedules live in the optimizer state and never
 recompile.
 
+The weight-decay shape is ``weight_decay_schedule``, a ``SCHEDULES`` string too, over
+stage 1 only: the peak ``weight_decay`` through the warm-up, then the shape of
+``p = (step - warmup) / (stage 2 step - warmup)`` (to the end of training without a
+stage 2); stage 2 sets ``stage2_weight_decay``. Unset it is ``"constant"`` (no key is
+added, so older configs keep their schedules and stage keys). ``"cosine"`` is BitNet
+b1.58 2B4T's (``docs/ternary_methods.md`` §1.1), which the report describes only as a
+cosine that peaks at 0.1 in stage 1 and is 0 in stage 2; here it peaks with the LR:
+
+    wd(step) = weight_decay * 0.5 * (1 + cos(pi * clip(p, 0, 1)))   # step < stage 2
+    wd(step) = stage2_weight_decay                                  # step >= stage 2
+
+The whole 2B4T schedule (cosine LR halved at mid-training; WD 0.1 → 0 by cosine over
+the first half, 0 in the second) is ``configs/common.py``'s
+``optim(lr, **bitnet_2b4t())``, or in any config::
+
+    config.optim.update(schedule="cosine", weight_decay=0.1, stage2_at=0.5,
+                        weight_decay_schedule="cosine", stage2_lr_factor=0.5,
+                        stage2_weight_decay=0.0)
+
 Weight decay applies only where ``weight_decay_mask`` says so: for ternary models
 ``ternary_training.weight_decay_mask`` (latent dense kernels only), otherwise every
 ``kernel`` leaf (dense layers and the untied LM head; never embeddings, norm gains or
@@ -82,6 +101,10 @@ def make_schedules(optim_cfg: ml_collections.ConfigDict,
   base_wd = float(optim_cfg.get("weight_decay", 0.0))
   lr_factor2 = float(optim_cfg.get("stage2_lr_factor", 1.0))
   wd2 = float(optim_cfg.get("stage2_weight_decay", 0.0))
+  # Unset: no key, so configs without it keep their schedules (and stage keys).
+  wd_spec = optim_cfg.get("weight_decay_schedule", "constant")
+  wd_shape = SCHEDULES.get(wd_spec)
+  wd_end = stage2_step if stage2_step is not None else total_steps
 
   def lr(step):
     step = jnp.asarray(step, jnp.float32)
@@ -94,6 +117,9 @@ def make_schedules(optim_cfg: ml_collections.ConfigDict,
 
   def wd(step):
     value = jnp.full((), base_wd, jnp.float32)
+    if wd_spec != "constant":  # Over stage 1: peak through the warm-up, then the shape.
+      t = jnp.asarray(step, jnp.float32)
+      value = value * wd_shape(jnp.clip((t - warmup) / max(wd_end - warmup, 1), 0.0, 1.0))
     if stage2_step is not None:
       value = jnp.where(jnp.asarray(step) >= stage2_step, wd2, value)
     return value

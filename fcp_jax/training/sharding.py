@@ -19,6 +19,10 @@ mesh mode runs the train step once per batch shard under ``jax.shard_map`` with 
 state replicated and collectives over ``("data", "fsdp")``, like ``pmap``: pure data
 parallelism, so it needs ``mesh_shape`` (R, 1, 1).
 
+``frozen_specs`` (distillation's teacher params, ``distill.py``): the train step takes a
+third argument, never donated or updated, placed by its own logical specs (replicated
+in the per-replica and pmap modes): ``train(state, batch, teacher_params)``.
+
 ``pmap``: replicated state (``in_axes=None``/``out_axes=None``: the state stays one
 logical array, so checkpoints are the same in both modes), per-device slices of the
 batch and ``lax.psum`` inside the step (``axis_name="batch"``).
@@ -172,32 +176,34 @@ class MeshParallel:
       return jax.jit(init_fn, out_shardings=self.shardings(logical_specs))(rng)
 
   def jit_train_step(self, train_step: Callable, logical_specs: Any,
-                     per_replica: bool = False) -> Callable:
+                     per_replica: bool = False, frozen_specs: Any = None) -> Callable:
+    frozen = () if frozen_specs is None else (self.shardings(frozen_specs),)
     if per_replica:
-      train_step = self._per_replica(train_step)
+      train_step = self._per_replica(train_step, len(frozen))
     state_sh = self.shardings(logical_specs)
-    jitted = jax.jit(train_step, in_shardings=(state_sh, self.batch_sharding),
+    jitted = jax.jit(train_step, in_shardings=(state_sh, self.batch_sharding) + frozen,
                      out_shardings=(state_sh, self.replicated), donate_argnums=(0,))
 
-    def run(state, batch):
+    def run(state, batch, *frozen_args):
       with self.context():
-        return jitted(state, batch)
+        return jitted(state, batch, *frozen_args)
 
     run.jitted = jitted
     return run
 
-  def _per_replica(self, train_step: Callable) -> Callable:
+  def _per_replica(self, train_step: Callable, num_frozen: int = 0) -> Callable:
     """``train_step`` once per batch shard (``shard_map``; axis ``replica_axis``)."""
     if self.mesh.shape["fsdp"] * self.mesh.shape["tensor"] != 1:
       raise ValueError("A per-replica train step (grad_compression) is pure data "
                        "parallelism: it needs parallel.mesh_shape (-1, 1, 1), got "
                        f"{dict(self.mesh.shape)}. Use fsdp = tensor = 1 or pmap mode.")
 
-    def body(state, batch):
+    def body(state, batch, *frozen):
       with nn.logical_axis_rules(()):  # Per-device code: no sharding constraints.
-        return train_step(state, batch)
+        return train_step(state, batch, *frozen)
 
-    return jax.shard_map(body, mesh=self.mesh, in_specs=(P(), P(BATCH_AXES)),
+    return jax.shard_map(body, mesh=self.mesh,
+                         in_specs=(P(), P(BATCH_AXES)) + (P(),) * num_frozen,
                          out_specs=(P(), P()), check_vma=False)
 
   def jit_eval_step(self, eval_step: Callable, logical_specs: Any) -> Callable:
@@ -261,9 +267,10 @@ class PmapParallel:
     return jax.jit(init_fn, out_shardings=self.shardings(logical_specs))(rng)
 
   def jit_train_step(self, train_step: Callable, logical_specs: Any,
-                     per_replica: bool = True) -> Callable:
+                     per_replica: bool = True, frozen_specs: Any = None) -> Callable:
     del logical_specs, per_replica  # Always per replica.
-    return jax.pmap(train_step, axis_name=self.axis_name, in_axes=(None, 0),
+    frozen = () if frozen_specs is None else (None,)  # Replicated, like the state.
+    return jax.pmap(train_step, axis_name=self.axis_name, in_axes=(None, 0) + frozen,
                     out_axes=(None, None), donate_argnums=(0,))
 
   def jit_eval_step(self, eval_step: Callable, logical_specs: Any) -> Callable:

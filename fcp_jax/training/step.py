@@ -30,6 +30,12 @@ full-batch denominator afterwards makes the update equal to the full-batch updat
 The ternary blend ``qlambda`` [L] comes from ``ternary_training.lambda_schedule`` at
 ``state.step`` (a traced value: the schedule never recompiles); float models get
 ``None``. The step RNG is ``fold_in(state.rng, state.step)``.
+
+Distillation (``config.distill``, ``distill.py``): ``make_train_step(..., distill=d)``
+builds ``train_step(state, batch, teacher_params)``, whose loss terms add the KL to a
+frozen float teacher (and a hidden-state term) to the task loss's; ``build_training``
+binds the teacher's params (``Training.teacher``, read once), so drivers still call
+``train_step(state, batch)``. Evaluation stays the task loss.
 """
 
 import dataclasses
@@ -40,6 +46,7 @@ import jax.numpy as jnp
 import optax
 
 from fcp_jax.models import transformer as transformer_lib
+from fcp_jax.training import distill as distill_lib
 from fcp_jax.training import grad_compression
 from fcp_jax.training import losses as losses_lib
 from fcp_jax.training import optim as optim_lib
@@ -123,9 +130,9 @@ def _psum_terms(terms: losses_lib.LossTerms, axis_name: Optional[str]):
 def make_train_step(model, loss, optimizer: optim_lib.Optimizer, *,
                     qlambda_fn: Optional[QLambdaFn] = None, grad_accum: int = 1,
                     axis_name: Optional[Any] = None,
-                    grad_reduce: Optional[Callable[..., Any]] = None
-                    ) -> Callable[[TrainState, Mapping[str, Array]],
-                                  Tuple[TrainState, Metrics]]:
+                    grad_reduce: Optional[Callable[..., Any]] = None,
+                    distill: Optional[distill_lib.Distiller] = None
+                    ) -> Callable[..., Tuple[TrainState, Metrics]]:
   """Builds ``train_step(state, batch) -> (state, metrics)``.
 
   Args:
@@ -137,6 +144,9 @@ def make_train_step(model, loss, optimizer: optim_lib.Optimizer, *,
     axis_name: the replica axis name(s) (pmap, shard_map), or ``None`` under GSPMD.
     grad_reduce: ``(grads, axis_name, rng) -> summed grads`` over replicas
       (``grad_compression``); default ``lax.psum``.
+    distill: a ``distill.Distiller``: the step is then
+      ``train_step(state, batch, teacher_params)`` (the teacher's params are read,
+      never differentiated or updated).
   """
   if grad_accum < 1:
     raise ValueError(f"grad_accum must be >= 1, got {grad_accum}.")
@@ -147,14 +157,24 @@ def make_train_step(model, loss, optimizer: optim_lib.Optimizer, *,
   qlambda_fn = qlambda_fn or (lambda step: None)
   tx = optimizer.tx
 
-  def train_step(state: TrainState, batch: Mapping[str, Array]):
+  def train_step(state: TrainState, batch: Mapping[str, Array], teacher_params=None):
+    if (distill is None) != (teacher_params is None):
+      raise ValueError("A distillation train step takes the teacher's params (and only "
+                       "it): train_step(state, batch, teacher_params).")
     rng = jax.random.fold_in(state.rng, state.step)
     qlambda = qlambda_fn(state.step)
     batch = loss.prepare(dict(batch))
 
+    def forward(p, micro, micro_rng) -> losses_lib.LossTerms:
+      if distill is None:
+        return _forward_terms(model, loss, p, micro, qlambda, micro_rng)
+      inputs = {k: micro[k] for k in MODEL_INPUTS if k in micro}
+      return distill.terms(model, loss, p, teacher_params, micro, inputs, qlambda,
+                           micro_rng)
+
     def grad_terms(params, micro, micro_rng):
       def numerator(p):
-        terms = _forward_terms(model, loss, p, micro, qlambda, micro_rng)
+        terms = forward(p, micro, micro_rng)
         return terms.numerator, terms
       return jax.grad(numerator, has_aux=True)(params)
 
@@ -287,6 +307,9 @@ class Training:
     train_step: compiled ``(state, batch) -> (state, metrics)``; donates ``state``.
     eval_step: compiled ``(params, batch, step) -> LossTerms`` (summed; add batches,
       then ``losses.finalize_metrics``).
+    teacher: distillation's frozen teacher params (``distill.TeacherParams``: specs,
+      abstract, params read on first use), bound into ``train_step``; ``None`` without
+      ``config.distill``.
   """
   par: Any
   model: Any
@@ -299,6 +322,7 @@ class Training:
   qlambda_fn: QLambdaFn
   train_step: Callable[..., Tuple[TrainState, Metrics]]
   eval_step: Callable[..., losses_lib.LossTerms]
+  teacher: Optional[distill_lib.TeacherParams] = None
 
   def create_state(self, rng: Array) -> TrainState:
     """A fresh state, created directly with its shardings."""
@@ -309,7 +333,8 @@ def build_training(config: Mapping[str, Any], par: Any, *, total_steps: int) -> 
   """Builds model, optimizer, loss and the compiled steps from a run config.
 
   Reads ``config.model`` (variant + overrides), ``config.optim``, ``config.loss``,
-  ``config.quant`` (λ schedule), ``config.grad_accum`` and ``config.grad_compression``.
+  ``config.quant`` (λ schedule), ``config.grad_accum``, ``config.grad_compression`` and
+  ``config.distill`` (absent or ``teacher`` None: off).
   """
   from fcp_jax.training import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from fcp_jax.training import state as state_lib  # pylint: disable=g-import-not-at-top
@@ -324,14 +349,20 @@ def build_training(config: Mapping[str, Any], par: Any, *, total_steps: int) -> 
   qlambda_fn = make_qlambda_fn(model_cfg, config.get("quant"))
   reduce = grad_compression.build(config.get("grad_compression", "none"),
                                   num_replicas=par.num_replicas)
+  distiller = distill_lib.build(config, model_cfg)
+  teacher = None if distiller is None else distill_lib.TeacherParams(distiller, par)
   train_step = par.jit_train_step(make_train_step(
       model, loss, optimizer, qlambda_fn=qlambda_fn,
       grad_accum=int(config.get("grad_accum", 1)),
       axis_name=par.replica_axis if reduce.per_replica else par.axis_name,
-      grad_reduce=reduce), specs, per_replica=reduce.per_replica)
+      grad_reduce=reduce, distill=distiller), specs, per_replica=reduce.per_replica,
+      frozen_specs=None if teacher is None else teacher.specs)
+  if teacher is not None:
+    train_step = teacher.bind(train_step)
   eval_step = par.jit_eval_step(make_eval_step(
       model, loss, qlambda_fn=qlambda_fn, axis_name=par.axis_name, return_terms=True),
                                 specs)
   return Training(par=par, model=model, model_cfg=model_cfg, optimizer=optimizer,
                   loss=loss, specs=specs, init_fn=init_fn, abstract_state=abstract,
-                  qlambda_fn=qlambda_fn, train_step=train_step, eval_step=eval_step)
+                  qlambda_fn=qlambda_fn, train_step=train_step, eval_step=eval_step,
+                  teacher=teacher)
