@@ -13,8 +13,11 @@ sweep, then families' ``sweep_FAMILY.json``) and writes markdown: per group, the
 and the seeds, and per method a sentence comparing its native-condition accuracy with
 FCP + bootstrap's: it *wins* when its interval lies wholly above, *loses* when wholly
 below, and *ties* when the two intervals overlap (a group of one seed has no interval,
-so nothing is claimed). Validation sweeps (tuning) are refused: reported numbers come
-from the test split.
+so nothing is claimed). The methods of one seed share its warm-up, so the sentence also
+gives the difference paired by seed (mean ± 95% CI of the per-seed differences), with
+its own verdict: wins or loses when that interval excludes 0. ``GAINS`` adds the same
+paired difference for the bootstrap against offline FCP. Validation sweeps (tuning)
+are refused: reported numbers come from the test split.
 
 The section goes to stdout, to ``--out``, or with ``--readme`` replaces the text between
 ``<!-- results:start -->`` and ``<!-- results:end -->`` in that file (an error if the
@@ -30,6 +33,7 @@ from fcp_jax import config_lib
 import sweep  # experiments/sweep.py, beside this script.
 
 REFERENCE = "fcp_bootstrap"  # The method every other one is compared with.
+GAINS = (("fcp_bootstrap", "offline_fcp"),)  # (method, its baseline): paired gains.
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 USAGE = ("Usage: results_readme.py --sweep_json=PATH[,PATH...] (sweep.json or its "
          "workdir) [--out=FILE] [--readme=README.md]")
@@ -63,8 +67,39 @@ def verdict(s: Mapping[str, Any], ref: Mapping[str, Any]) -> str:
   return "ties (CIs overlap)"
 
 
+def paired(s: Mapping[str, Any], ref: Mapping[str, Any]) -> Dict[str, Any]:
+  """``seed_stats`` of ``s - ref`` over the seeds both cells have, paired by seed."""
+  ref_by_seed = dict(zip(ref["seeds"], ref["values"]))
+  common = [(seed, v - ref_by_seed[seed]) for seed, v in zip(s["seeds"], s["values"])
+            if seed is not None and seed in ref_by_seed]
+  if not common:
+    raise ValueError(f"No seed in common between seeds {s['seeds']} and {ref['seeds']}.")
+  seeds, diffs = zip(*common)
+  return sweep.seed_stats(diffs, seeds)
+
+
+def paired_verdict(d: Mapping[str, Any]) -> str:
+  """``wins`` / ``ties (CI includes 0)`` / ``loses`` of a paired difference ``d``."""
+  if d["ci95"] is None:
+    return "cannot be compared (n=1: no confidence interval)"
+  if d["mean"] - d["ci95"] > 0:
+    return "wins"
+  if d["mean"] + d["ci95"] < 0:
+    return "loses"
+  return "ties (CI includes 0)"
+
+
+def format_difference(d: Mapping[str, Any]) -> str:
+  """``+3.0 ± 1.2 (n=3; +1.5..+4.0)`` percentage points."""
+  if d["ci95"] is None:
+    return f"{100 * d['mean']:+.1f} (n={d['n']})"
+  return (f"{100 * d['mean']:+.1f} ± {100 * d['ci95']:.1f} (n={d['n']}; "
+          f"{100 * d['min']:+.1f}..{100 * d['max']:+.1f})")
+
+
 def comparisons(table: Mapping[str, Any]) -> Optional[str]:
-  """A sentence per method on its native accuracy against ``REFERENCE``'s, or None."""
+  """A sentence per method on its native accuracy against ``REFERENCE``'s, and the
+  paired ``GAINS``; None without ``REFERENCE``."""
   if REFERENCE not in table:
     return None
   ref = sweep.native(table[REFERENCE])
@@ -73,9 +108,16 @@ def comparisons(table: Mapping[str, Any]) -> Optional[str]:
     if method == REFERENCE:
       continue
     s = sweep.native(row)
+    d = paired(s, ref)
     lines.append(f"- {method} ({row['native']}): {sweep.format_stats(s)} vs {REFERENCE} "
                  f"({table[REFERENCE]['native']}) {sweep.format_stats(ref)}: "
-                 f"{verdict(s, ref)}.")
+                 f"{verdict(s, ref)}; paired by seed {format_difference(d)} points: "
+                 f"{paired_verdict(d)}.")
+  for method, base in GAINS:
+    if method in table and base in table:
+      d = paired(sweep.native(table[method]), sweep.native(table[base]))
+      lines.append(f"- {method} − {base} (native conditions), paired by seed: "
+                   f"{format_difference(d)} points: {method} {paired_verdict(d)}.")
   return "\n".join(lines) + "\n"
 
 
@@ -105,7 +147,8 @@ def results_section(merged: Mapping[str, Any], source: str = "",
     compared = comparisons(table)
     if compared:
       lines += [f"Native-condition accuracy against {REFERENCE} (wins / ties when the "
-                "95% CIs overlap / loses):", "", compared]
+                "95% CIs overlap / loses; then the difference paired by seed, which "
+                "wins or loses when its 95% CI excludes 0):", "", compared]
   if merged.get("failed"):
     lines += [sweep.failures_markdown(merged["failed"])]
   return "\n".join(lines)

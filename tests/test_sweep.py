@@ -274,15 +274,39 @@ def test_results_readme_compares_with_fcp_bootstrap(tmp_path):
   section = results_readme.results_section(results_readme.load_sweep(
       _sweep_json(tmp_path / "sweep.json")))
   assert "- grpo (null): 80.0 ± 2.5 (n=3; 79.0..81.0) vs fcp_bootstrap (pool) " \
-         "60.0 ± 2.5 (n=3; 59.0..61.0): wins." in section
-  assert "- rft (null): 58.0 ± 7.5 (n=3; 55.0..61.0) vs fcp_bootstrap" in section
-  assert ": ties (CIs overlap)." in section and "- warmup (null): " in section
-  assert section.count(": loses.") == 1
+         "60.0 ± 2.5 (n=3; 59.0..61.0): wins; paired by seed +20.0 ± 0.0 " \
+         "(n=3; +20.0..+20.0) points: wins." in section
+  # rft - fcp_bootstrap per seed: -4, -2, 0 points: mean -2, t(2) * 2 / sqrt(3) = 5.0.
+  assert "- rft (null): 58.0 ± 7.5 (n=3; 55.0..61.0) vs fcp_bootstrap (pool) 60.0 ± " \
+         "2.5 (n=3; 59.0..61.0): ties (CIs overlap); paired by seed -2.0 ± 5.0 " \
+         "(n=3; -4.0..+0.0) points: ties (CI includes 0)." in section
+  assert "- warmup (null): " in section and section.count("points: loses.") == 1
   assert "CPU: Test CPU" in section and "Seeds: 0, 1, 2 (n = 1, 3 per group)." in section
   assert "| fcp_bootstrap | 100 | 10 | 500 | 900 | 8 | 3 |" in section
   assert "#### variant=tiny" in section  # A group without fcp_bootstrap: no sentences.
   s, ref = dict(mean=0.5, ci95=None), dict(mean=0.6, ci95=0.01)
   assert results_readme.verdict(s, ref).startswith("cannot be compared (n=1")
+
+
+def test_paired_differences_match_seeds_and_give_the_bootstrap_gain():
+  cell = lambda values, seeds: sweep.seed_stats(values, seeds)
+  # Seeds matched by id, not position; seed 3 has no partner and is left out.
+  d = results_readme.paired(cell([0.5, 0.7, 0.9], [2, 0, 3]), cell([0.6, 0.4], [0, 2]))
+  assert d["seeds"] == [2, 0] and d["values"] == pytest.approx([0.1, 0.1])
+  assert d["ci95"] == pytest.approx(0.0) and results_readme.paired_verdict(d) == "wins"
+  with pytest.raises(ValueError, match="No seed in common"):
+    results_readme.paired(cell([0.5], [0]), cell([0.5], [1]))
+  # Offline FCP 20 / 25 / 30 %; the bootstrap +2, +3, +4 points over it, per seed:
+  # the unpaired intervals overlap, the paired gain 3.0 ± t(2) * 1 / sqrt(3) excludes 0.
+  rows = {}
+  for method, values in (("offline_fcp", [0.20, 0.25, 0.30]),
+                         ("fcp_bootstrap", [0.22, 0.28, 0.34])):
+    rows[method] = dict(native="pool", pool=cell(values, [0, 1, 2]))
+  text = results_readme.comparisons(rows)
+  assert ": ties (CIs overlap); paired by seed -3.0 ± 2.5 (n=3; -4.0..-2.0) points: " \
+         "loses." in text
+  assert "- fcp_bootstrap − offline_fcp (native conditions), paired by seed: +3.0 ± " \
+         "2.5 (n=3; +2.0..+4.0) points: fcp_bootstrap wins." in text
 
 
 def test_results_readme_writes_a_section_per_sweep_file(tmp_path, capsys):
