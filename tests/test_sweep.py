@@ -101,7 +101,7 @@ def test_sweep_selects_on_validation_only_and_tuning_entries_apply():
       config = config_lib.load_config(f"{CONFIG}:runlocal,{arg}")
       config_lib.apply_overrides(config, overrides)
       assert config.eval.splits == ("validation",)
-  for family in module.ARMS:  # Reported: every arm applies to the full config, on test.
+  for family in [*module.ARMS, *module.ARG_ARMS]:  # Reported: every arm applies, on test.
     for entry in module.get_sweep(family):
       arg, overrides = sweep.entry_parts(entry)
       config = config_lib.load_config(f"{CONFIG}:{arg}")
@@ -110,6 +110,9 @@ def test_sweep_selects_on_validation_only_and_tuning_entries_apply():
       assert config.eval.splits == ("test",)
   with pytest.raises(ValueError, match="Unknown sweep family 'tune_gpro'"):
     module.get_sweep("tune_gpro")
+  # An arg arm adds its key; the default config does not hold it (its stage keys stay).
+  assert module.get_config("subln=True").model.subln is True
+  assert "subln" not in module.get_config().model
 
 
 SWEEP = ["seed=0,ternary=False", "seed=1,ternary=False", "seed=2,ternary=False",
