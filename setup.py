@@ -8,6 +8,8 @@ setuptools.setup(
     description=("Feedback-Conditional Policy (learning from verbal feedback) on Flax "
                  "transformers with 1.58-bit quantization-aware training."),
     packages=setuptools.find_packages(include=["fcp_jax", "fcp_jax.*"]),
+    # The ternary CPU kernel's source, compiled on first use (models/ternary_kernel.py).
+    package_data={"fcp_jax.models": ["*.cc"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2,<0.11",

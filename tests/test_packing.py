@@ -1,9 +1,11 @@
 """Tests for fcp_jax.models.packing: TQ2 codes, export = fake quant, packed inference,
-files, the export command and the bitnet.cpp / Hugging Face adapters."""
+the prepared inference form and its CPU kernel, files, the export command and the
+bitnet.cpp / Hugging Face adapters."""
 
 import functools
 import json
 import os
+import shutil
 
 import flax.linen as nn
 import jax
@@ -14,6 +16,7 @@ import pytest
 from fcp_jax import testing
 from fcp_jax.models import packing
 from fcp_jax.models import ternary
+from fcp_jax.models import ternary_kernel
 from fcp_jax.models import transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -233,6 +236,129 @@ def test_tiny_model_packed_parity_other_methods_and_files(tmp_path):
   packing.st_numpy.save_file({"a": np.zeros(2, np.float32)}, bad)
   with pytest.raises(ValueError, match="not a tq2 file"):
     packing.load_packed(bad)
+
+
+# ------------------------------------------------------ prepared form and its kernel
+
+
+@pytest.mark.parametrize("lead, k, n", [((), 16, 16), ((), 26, 37), ((3,), 40, 5),
+                                        ((), 1, 1)])
+def test_pack_words_round_trip(lead, k, n):
+  codes = _random_codes((*lead, k, n), seed=k)
+  words = ternary_kernel.pack_words(codes)
+  assert words.dtype == np.uint32
+  assert words.shape == (*lead, -(-n // 16), -(-k // 16), 16)
+  np.testing.assert_array_equal(
+      np.asarray(ternary_kernel.unpack_words(jnp.asarray(words), k, n)), codes)
+  # Spec: word [t, q, j] bits 2f..2f+1 hold T[16q + f, 16t + j] + 1; padding holds 1.
+  w = words.reshape(-1, *words.shape[-3:])[0]
+  c = codes.reshape(-1, k, n)[0]
+  t, q, j, f = (n - 1) // 16, (k - 1) // 16, (n - 1) % 16, (k - 1) % 16
+  assert (int(w[t, q, j]) >> (2 * f)) & 3 == c[k - 1, n - 1] + 1
+  if k % 16:
+    assert (int(w[0, q, 0]) >> 30) & 3 == 1
+
+
+def test_scale_rows():
+  n = 20
+  assert ternary_kernel.scale_rows(np.float32(0.5), n).tolist() == [[0.5] * n + [0.0] * 12]
+  rows = ternary_kernel.scale_rows(np.arange(n, dtype=np.float32), n)
+  assert rows.shape == (1, 32) and rows[0, n - 1] == n - 1
+  stacked = ternary_kernel.scale_rows(np.ones((3, 2, n), np.float32), n, num_lead=1)
+  assert stacked.shape == (3, 2, 32)
+  assert ternary_kernel.scale_rows(np.ones(3, np.float32), n, num_lead=1).shape == (3, 1, 32)
+
+
+@pytest.mark.parametrize("k, n, m, a", [(32, 12, 1, 1), (26, 37, 5, 1), (48, 12, 7, 3),
+                                        (64, 20, 9, 4), (160, 33, 17, 5), (300, 17, 64, 1),
+                                        (24, 12, 2, 3), (32, 16, 65, 2)])
+def test_ternary_matmul_kernel_and_xla_match_numpy(k, n, m, a):
+  rng = np.random.default_rng(k + m)
+  codes = _random_codes((k, n), seed=k)
+  scale = rng.uniform(0.5, 1.5, (a, n)).astype(np.float32)
+  x = rng.standard_normal((m, k)).astype(np.float32)
+  ref = x.astype(np.float64) @ (np.repeat(scale, k // a, axis=0) * codes)
+  words = jnp.asarray(ternary_kernel.pack_words(codes))
+  rows = jnp.asarray(ternary_kernel.scale_rows(scale if a > 1 else scale[0], n))
+  for kernel in (True, False):
+    fn = jax.jit(lambda x, w, s, kernel=kernel: ternary_kernel.matmul(x, w, s, n, kernel))
+    np.testing.assert_allclose(np.asarray(fn(x, words, rows)), ref, rtol=1e-5, atol=1e-5)
+  fits = ternary_kernel.kernel_fits(k, a)
+  assert fits == (a == 1 or k // a % 16 == 0)
+  hlo = jax.jit(lambda x, w, s: ternary_kernel.matmul(x, w, s, n)).lower(
+      x, words, rows).as_text()
+  assert (ternary_kernel.TARGET in hlo) == (fits and ternary_kernel.available())
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="no C++ compiler: packed layers run in XLA")
+def test_the_cpu_kernel_builds_where_a_compiler_is_present():
+  assert ternary_kernel.available()  # A broken build would only warn elsewhere.
+
+
+def _benchmark_methods():
+  bench = testing.load_driver(os.path.join(REPO, "experiments", "benchmarks",
+                                           "ternary.py"))
+  return list(bench.METHODS.values())
+
+
+PREPARED_SPECS = _benchmark_methods() + [
+    ("dlt(granularity='group', group_size=16)", "absmax_int8"),
+    ("tequila(group_size=32)", "elastic(bits=4, signed=False)"),
+    ("absmean(granularity='group', group_size=8)", "none"),  # Groups of 8: XLA path.
+    ("absmean(granularity='shard', shards=2)", "none")]
+
+
+@pytest.mark.parametrize("spec, act", PREPARED_SPECS)
+def test_prepared_layer_matches_packed_and_fake_quant(spec, act):
+  k, n = 64, 40
+  layer = ternary.TernaryDense(features=n, kernel_axes=("embed", "mlp"), use_bias=True,
+                               weight_quant=spec, act_quant=act, input_norm=True)
+  x = jax.random.normal(jax.random.key(1), (2, 40, k))
+  params = nn.unbox(jax.jit(layer.init)(jax.random.key(0), x)["params"])
+  params["bias"] = jnp.linspace(-0.5, 0.5, n)
+  info = packing.LayerInfo(spec, act, layer.kernel_axes, k, n)
+  packed = packing.export_layer(params, info)
+  prepared = packing.prepare_layer(packed, k)
+  assert "codes" not in prepared and prepared["codes_u32"].dtype == np.uint32
+  assert prepared["scale_rows"].shape[-1] == 48
+  apply = jax.jit(layer.apply)
+  for rows in (x[:1, :1], x[:, :3], x):  # Decoding, a small batch, prefill.
+    with jax.default_matmul_precision("highest"):
+      y_fake = apply({"params": params}, rows, jnp.float32(1.0))
+      y_packed = apply({"params": packed}, rows)
+      y_prepared = apply({"params": prepared}, rows)
+    np.testing.assert_allclose(np.asarray(y_prepared), np.asarray(y_fake), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y_prepared), np.asarray(y_packed), rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_tiny_model_prepared_logits_match_packed(scan, tmp_path):
+  cfg = transformer.get_variant("tiny", scan_layers=scan, **ABSMEAN_TINY)
+  params = _init(cfg, TOKENS)
+  packed = packing.pack_params(params, cfg)
+  path = str(tmp_path / "model.tq2.safetensors")
+  packing.save_packed(path, packed, cfg)
+  prepared, cfg2 = packing.load_packed(path, prepare=True)
+  assert cfg2 == cfg
+  layers = prepared["layers"] if scan else prepared["layers_0"]
+  assert set(layers["attn"]["q_proj"]) == {"codes_u32", "scale_rows"}
+  assert layers["attn"]["q_proj"]["codes_u32"].shape == ((2, 2, 2, 16) if scan else
+                                                         (2, 2, 16))
+  fake = _logits(cfg, params, TOKENS)
+  np.testing.assert_allclose(_logits(cfg, prepared, TOKENS), _logits(cfg, packed, TOKENS),
+                             atol=1e-4)
+  np.testing.assert_allclose(_logits(cfg, prepared, TOKENS), fake, atol=1e-3)
+  # Prepared storage: 2 bits per weight plus one f32 scale per column (per tensor here).
+  shapes = [(32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)]
+  expected = sum(2 * k * n + 32 * n for k, n in shapes) / sum(k * n for k, n in shapes)
+  assert packing.bits_per_weight(prepared, cfg) == pytest.approx(expected)
+  again = packing.prepare_for_inference(prepared, cfg)  # Already prepared: unchanged.
+  assert jax.tree.map(np.shape, again) == jax.tree.map(np.shape, prepared)
+  with pytest.raises(ValueError, match="prepared"):
+    packing.save_packed(str(tmp_path / "bad.safetensors"), prepared, cfg)
 
 
 # ----------------------------------------------------------------- the command

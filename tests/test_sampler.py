@@ -1,4 +1,5 @@
-"""Sampler: padding invariance, filtered sampling sets, num_samples, end tokens."""
+"""Sampler: padding invariance, filtered sampling sets, num_samples, end tokens, packed
+ternary params."""
 
 import jax
 import jax.numpy as jnp
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from fcp_jax import testing
+from fcp_jax.models import packing
 from fcp_jax.sampling import sampler as sampler_lib
 
 
@@ -74,6 +76,23 @@ def test_end_token_stops_row_and_pads_after():
     assert n == first + 1
     assert (row[first + 1:] == 0).all()
     assert (out.logprobs[0, n:] == 0).all()
+
+
+@pytest.mark.parametrize("weight_quant, act_quant", [
+    ("absmean", "absmax_int8"), ("tequila(group_size=16)", "none")])
+def test_greedy_on_prepared_packed_params_matches_latent_params(weight_quant, act_quant):
+  cfg, model, params = testing.tiny_model(seed=3, weight_quant=weight_quant,
+                                          act_quant=act_quant)
+  prepared = packing.prepare_for_inference(packing.pack_params(params, cfg), cfg)
+  assert "codes_u32" in prepared["layers_0"]["mlp"]["down_proj"]
+  sampler = sampler_lib.Sampler(model, testing.char_tokenizer(), prompt_bucket=8)
+  prompts = ["12+7=", "a longer prompt", "x"]
+  latent = sampler.sample(params, prompts, jax.random.PRNGKey(0), max_new_tokens=12)
+  packed = sampler.sample(prepared, prompts, jax.random.PRNGKey(0), max_new_tokens=12)
+  assert latent.lengths.max() > 1
+  np.testing.assert_array_equal(packed.tokens, latent.tokens)
+  np.testing.assert_array_equal(packed.lengths, latent.lengths)
+  np.testing.assert_allclose(packed.logprobs, latent.logprobs, atol=1e-4)
 
 
 def _allowed_frequencies(method, logits, n=4000):

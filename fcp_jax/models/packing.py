@@ -14,6 +14,21 @@ and keeps ``bias``, ``norm_scale`` and ``a_alpha`` (plus every float parameter o
 model). Leading axes (``scan_layers``' [L]) are kept. The packed tree runs through the
 *same* ``Transformer(cfg)``: ``TernaryDense`` sees ``codes`` and takes the integer path
 (int8 activations × int8 codes → int32, then rescaled); qlambda is ignored there (λ=1).
+That path unpacks the codes at every call.
+
+TQ2 is the storage and export format. For inference, ``prepare_for_inference(packed,
+cfg)`` (or ``load_packed(path, prepare=True)``) converts it once, at load, into the
+kernel's form, still 2 bits per weight (``ternary_kernel`` has the layout)::
+
+    codes_u32      uint32 [..., ceil(N/16), ceil(K/16), 16]   16 codes per word along K
+    scale_rows     f32 [..., A, 16·ceil(N/16)]                  scale per (group, column)
+
+(``shift``, ``deadzone_bias`` and the rest unchanged). ``TernaryDense`` then runs
+``ternary_kernel.matmul``: on CPU a compiled kernel that decodes the codes in registers
+inside the matmul; elsewhere XLA on the unpacked int8 codes with the scale on the dot's
+output. One decode step of llama-3.2-1b on the prepared tree takes 0.31-0.35× the
+float32 model's time at batch 1 and ~0.72× at batch 32 (2 cores of an AMD EPYC under
+load, ``docs/ternary_methods.md`` §3.1); the sampler takes the tree like any params.
 
 Files are safetensors (``save_packed`` / ``load_packed``) with the model config and the
 per-layer method in the metadata; ``load_model_config`` / ``load_params`` read a run's
@@ -38,11 +53,13 @@ from safetensors import numpy as st_numpy
 from safetensors import safe_open
 
 from fcp_jax.models import ternary
+from fcp_jax.models import ternary_kernel
 from fcp_jax.models import transformer
 
 FORMAT = "tq2"
 VERSION = 1
 PACKED_NAMES = ("codes", "scale", "shift", "deadzone_bias")
+PREPARED_NAMES = ("codes_u32", "scale_rows", "shift", "deadzone_bias")
 unpack_codes = ternary.unpack_codes
 Path = Tuple[str, ...]
 
@@ -122,6 +139,7 @@ class LayerInfo(NamedTuple):
   act_quant: str
   kernel_axes: Tuple[str, str]
   in_features: int  # K
+  out_features: int = 0  # N
 
 
 def ternary_layers(cfg: transformer.TransformerConfig) -> Dict[Path, LayerInfo]:
@@ -137,7 +155,7 @@ def _ternary_layers(cfg: transformer.TransformerConfig) -> Dict[Path, LayerInfo]
     m = context.module
     if isinstance(m, ternary.TernaryDense) and context.method_name == "__call__":
       found[tuple(m.scope.path)] = LayerInfo(m.weight_quant, m.act_quant, m.kernel_axes,
-                                             int(args[0].shape[-1]))
+                                             int(args[0].shape[-1]), m.features)
     return next_fun(*args, **kwargs)
 
   model = transformer.Transformer(cfg)
@@ -224,6 +242,30 @@ def pack_params(params: Any, cfg: transformer.TransformerConfig) -> Dict[str, An
   return tree
 
 
+def prepare_layer(layer: Dict[str, Any], k: int) -> Dict[str, Any]:
+  """One packed layer -> its inference form (``codes_u32``, ``scale_rows``); numpy.
+
+  Layers without ``codes`` (float, or already prepared) are returned as they are.
+  """
+  if "codes" not in layer:
+    return dict(layer)
+  codes = np.asarray(layer["codes"])  # [..., ceil(K/4), N]
+  out = {name: v for name, v in layer.items() if name not in ("codes", "scale")}
+  out["codes_u32"] = ternary_kernel.pack_words(np.asarray(unpack_codes(codes, k)))
+  out["scale_rows"] = ternary_kernel.scale_rows(layer["scale"], codes.shape[-1],
+                                                num_lead=codes.ndim - 2)
+  return out
+
+
+def prepare_for_inference(packed: Any, cfg: transformer.TransformerConfig) -> Dict[str, Any]:
+  """The inference form of a packed tree (module docstring): converted once, at load."""
+  tree = _plain(packed)
+  for path, info in ternary_layers(cfg).items():
+    *parents, name = path
+    _get(tree, tuple(parents))[name] = prepare_layer(_get(tree, path), info.in_features)
+  return tree
+
+
 # ---------------------------------------------------------------------------------------
 # Files and sizes.
 # ---------------------------------------------------------------------------------------
@@ -266,17 +308,25 @@ def config_from_json(text: str) -> transformer.TransformerConfig:
 def save_packed(path: str, packed: Dict[str, Any],
                 cfg: transformer.TransformerConfig) -> int:
   """Writes a packed tree as safetensors; returns the file size in bytes."""
+  flat = flatten_tree(packed)
+  if any(key.endswith("/codes_u32") for key in flat):
+    raise ValueError("save_packed writes the TQ2 tree of pack_params; this one is "
+                     "prepared for inference (prepare_for_inference), an in-memory form.")
   layers = {"/".join(p): {"method": i.weight_quant, "act": i.act_quant}
             for p, i in ternary_layers(cfg).items()}
   metadata = {"format": FORMAT, "version": str(VERSION), "config": config_to_json(cfg),
               "layers": json.dumps(layers, sort_keys=True)}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  st_numpy.save_file(flatten_tree(packed), path, metadata=metadata)
+  st_numpy.save_file(flat, path, metadata=metadata)
   return os.path.getsize(path)
 
 
-def load_packed(path: str) -> Tuple[Dict[str, Any], transformer.TransformerConfig]:
-  """Reads ``save_packed``'s file: (packed tree, model config)."""
+def load_packed(path: str, prepare: bool = False
+                ) -> Tuple[Dict[str, Any], transformer.TransformerConfig]:
+  """Reads ``save_packed``'s file: (packed tree, model config).
+
+  ``prepare=True`` returns the tree in its inference form (``prepare_for_inference``).
+  """
   with safe_open(path, framework="np") as f:
     metadata = f.metadata() or {}
   if metadata.get("format") != FORMAT:
@@ -284,7 +334,8 @@ def load_packed(path: str) -> Tuple[Dict[str, Any], transformer.TransformerConfi
   if int(metadata.get("version", -1)) > VERSION:
     raise ValueError(f"{path}: format version {metadata['version']} is newer than "
                      f"this reader ({VERSION}).")
-  return unflatten_tree(st_numpy.load_file(path)), config_from_json(metadata["config"])
+  tree, cfg = unflatten_tree(st_numpy.load_file(path)), config_from_json(metadata["config"])
+  return (prepare_for_inference(tree, cfg) if prepare else tree), cfg
 
 
 def save_params(params: Any, path: str) -> None:
@@ -355,15 +406,16 @@ def tree_nbytes(tree: Any) -> int:
 
 def bits_per_weight(packed: Dict[str, Any], cfg: transformer.TransformerConfig) -> float:
   """Storage of the quantized kernels (codes + scale + shift + dead-zone bias) in bits
-  per quantized weight."""
+  per quantized weight, of a packed or a prepared tree."""
   bits, weights = 0, 0
   for path, info in ternary_layers(cfg).items():
     layer = _get(packed, path)
-    if "codes" not in layer:
+    names = next((n for n in (PACKED_NAMES, PREPARED_NAMES) if n[0] in layer), None)
+    if names is None:
       continue
-    bits += 8 * sum(np.asarray(layer[n]).nbytes for n in PACKED_NAMES if n in layer)
-    codes = np.asarray(layer["codes"])
-    weights += int(np.prod(codes.shape[:-2])) * info.in_features * codes.shape[-1]
+    bits += 8 * sum(np.asarray(layer[n]).nbytes for n in names if n in layer)
+    lead = np.asarray(layer[names[0]]).shape[:-2 if names is PACKED_NAMES else -3]
+    weights += int(np.prod(lead)) * info.in_features * info.out_features
   if not weights:
     raise ValueError("bits_per_weight: the tree holds no packed layers.")
   return bits / weights

@@ -21,7 +21,10 @@ without touching the forward value), so λ=0 is bitwise the float layer and λ=1
 bitwise ``dequantize(quantize(W))``, the same function the packed export uses
 (``models/packing.py``). When the layer's params hold ``codes`` instead of ``kernel``
 (a tree written by ``packing.pack_params``) the layer runs the packed integer path:
-int8 activations × ternary codes accumulated in int32, then rescaled.
+int8 activations × ternary codes accumulated in int32, then rescaled (float activations:
+codes converted inside the dot, the scale on its output). ``codes_u32`` (the prepared
+form of ``packing.prepare_for_inference``) runs ``ternary_kernel.matmul`` instead, which
+decodes the 2-bit codes inside the matmul (a compiled kernel on CPU).
 
 Granularity of the scale statistics: the kernel [K, N] is viewed as blocks
 ``[a, K/a, b, N/b]`` and statistics have the compact shape [a, b]:
@@ -42,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from fcp_jax import registry
+from fcp_jax.models import ternary_kernel
 
 Array = jax.Array
 sg = jax.lax.stop_gradient
@@ -58,6 +62,9 @@ QUANT_PARAM_NAMES = ("w_alpha", "w_shift", "a_alpha", "norm_scale")
 SUBLN_KINDS = ("o", "down")
 # Names of the monitoring values a TernaryDense sows into "intermediates".
 SOW_NAMES = ("zero_frac", "code_hist", "scale")
+# Packed inference forms: the parameter that marks one -> the TernaryDense method that
+# runs it (``packing.pack_params`` writes ``codes``, ``prepare_for_inference`` the other).
+PACKED_FORMS = {"codes_u32": "_prepared", "codes": "_packed"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -637,10 +644,12 @@ def unpack_codes(packed: Array, k: int) -> Array:
 
 def packed_matmul(x: Array, codes: Array, scale: Array, acts: Optional[IntActs],
                   precision: Any = None) -> Array:
-  """``Σ_g s_g ⊙ (x_q^(g) T^(g)) / s_x``: int8 × int8 → int32 per group of K.
+  """``Σ_g s_g ⊙ (x^(g) T^(g)) (/ s_x)``: one partial dot per group of K, then scaled.
 
   x [..., K]; codes int8 [K, N]; scale [] / [N] / [a, N] with ``a`` groups along K.
-  With ``acts=None`` (float activations, A16 methods) it is ``x @ (scale · T)``.
+  With int8 activations ``acts`` the dots are int8 × int8 → int32; with ``acts=None``
+  (float activations, A16 methods) the codes are converted inside the dot and the scale
+  goes on its output, so no f32 ``scale · T`` is built.
   """
   k, n = codes.shape
   scale = scale.astype(jnp.float32)
@@ -648,14 +657,16 @@ def packed_matmul(x: Array, codes: Array, scale: Array, acts: Optional[IntActs],
   a = scale.shape[0]
   lead = x.shape[:-1]
   if acts is None:
-    w = expand(jnp.broadcast_to(scale, (a, n)), (k, n)) * codes.astype(jnp.float32)
-    return jnp.dot(x.astype(jnp.float32), w, precision=precision)  # [..., N]
-  lhs = acts.q.reshape(-1, a, k // a)  # [M, a, K/a] int8
-  acc = jax.lax.dot_general(lhs, codes.reshape(a, k // a, n),
+    lhs, rhs, acc_type = x.astype(jnp.float32), codes.astype(jnp.float32), jnp.float32
+  else:
+    lhs, rhs, acc_type, precision = acts.q, codes, jnp.int32, None
+  acc = jax.lax.dot_general(lhs.reshape(-1, a, k // a), rhs.reshape(a, k // a, n),
                             (((2,), (1,)), ((1,), (0,))),  # Contract K/a; batch groups.
-                            preferred_element_type=jnp.int32)  # [a, M, N] int32
+                            precision=precision,
+                            preferred_element_type=acc_type)  # [a, M, N]
   y = jnp.sum(acc.astype(jnp.float32) * scale[:, None, :], axis=0)  # [M, N]
-  y = y / acts.div.reshape(-1, 1)
+  if acts is not None:
+    y = y / acts.div.reshape(-1, 1)
   return y.reshape(*lead, n)
 
 
@@ -665,7 +676,8 @@ class TernaryDense(nn.Module):
   Parameters: ``kernel`` [K, N] and ``bias`` [N] (same init and axes as
   ``layers.Dense``), plus the method's own (``w_alpha``, ``w_shift``, ``a_alpha``,
   ``norm_scale`` [K] when ``input_norm``). With a packed tree (``codes``, ``scale``,
-  ``shift``, ``deadzone_bias``) it runs the integer inference path instead.
+  ``shift``, ``deadzone_bias``) it runs the integer inference path instead, and with a
+  prepared one (``codes_u32``, ``scale_rows``, ...) the kernel path (``PACKED_FORMS``).
   """
   features: int
   kernel_axes: Tuple[str, str]
@@ -694,8 +706,10 @@ class TernaryDense(nn.Module):
         lambda _, n=name: aq.init_params(x32)[n], ()))
                for name in aq.param_shapes()}
 
-    if self.has_variable("params", "codes"):
-      y, out_bias = self._packed(x32, aparams, aq)
+    form = next((f for name, f in PACKED_FORMS.items()
+                 if self.has_variable("params", name)), None)
+    if form is not None:
+      y, out_bias = getattr(self, form)(x32, aparams, aq)
     else:
       kernel = self.param("kernel", nn.with_logical_partitioning(
           nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
@@ -721,7 +735,7 @@ class TernaryDense(nn.Module):
 
   def _packed(self, x32: Array, aparams: Dict[str, Array],
               aq: ActQuantizer) -> Tuple[Array, Optional[Array]]:
-    """Integer inference from ``codes`` / ``scale`` (/ ``shift``, ``deadzone_bias``).
+    """Integer inference from the TQ2 ``codes`` / ``scale`` (unpacked at every call).
 
     Returns (y [..., N], the dead-zone bias or None), like ``fake_quant``.
     """
@@ -732,6 +746,35 @@ class TernaryDense(nn.Module):
     if acts is not None and acts.offset is not None:  # Min-shift: m Σ_i Ŵ_i.
       ones = jnp.ones((1, codes.shape[0]), jnp.float32)
       y = y + acts.offset * packed_matmul(ones, codes, get("scale"), None)[0]
+    return self._packed_terms(x32, acts, y)
+
+  def _prepared(self, x32: Array, aparams: Dict[str, Array],
+                aq: ActQuantizer) -> Tuple[Array, Optional[Array]]:
+    """Inference from ``codes_u32`` / ``scale_rows`` (``packing.prepare_for_inference``).
+
+    The matmul is ``ternary_kernel.matmul`` (the compiled kernel on CPU); int8
+    activations go through it as exact small integers. Returns what ``_packed`` does.
+    """
+    get = lambda name: self.get_variable("params", name)
+    k = x32.shape[-1]
+    acts = aq.int_quantize(x32, aparams)
+    rows = (x32 if acts is None else acts.q.astype(jnp.float32)).reshape(-1, k)  # [M, K]
+    m = rows.shape[0]
+    if acts is not None and acts.offset is not None:  # A row of ones: Σ_i Ŵ_i.
+      rows = jnp.concatenate([rows, jnp.ones((1, k), jnp.float32)])
+    out = ternary_kernel.matmul(rows, get("codes_u32"), get("scale_rows"), self.features,
+                                precision=self.precision)  # [M (+1), N]
+    y = out[:m]
+    if acts is not None:
+      y = y / acts.div.reshape(-1, 1)
+      if acts.offset is not None:  # Min-shift: m Σ_i Ŵ_i.
+        y = y + acts.offset * out[m]
+    return self._packed_terms(x32, acts, y.reshape(*x32.shape[:-1], self.features))
+
+  def _packed_terms(self, x32: Array, acts: Optional[IntActs],
+                    y: Array) -> Tuple[Array, Optional[Array]]:
+    """Adds DLT's ``shift`` term to y [..., N]; returns (y, the dead-zone bias or None)."""
+    get = lambda name: self.get_variable("params", name)
     if self.has_variable("params", "shift"):  # DLT: γ Σ_i x̂_i per group.
       shift = get("shift")
       shift = shift.reshape((-1, self.features) if shift.ndim == 2 else (1, -1))

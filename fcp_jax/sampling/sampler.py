@@ -20,6 +20,10 @@ vocabulary is padded) are masked out, so such ids are never sampled.
 
 Sampling methods are registry strings (``SAMPLING_METHODS``): ``greedy``,
 ``temperature(t=...)``, ``top_k(k=..., t=...)``, ``top_p(p=..., t=...)``.
+
+``params`` may be a ternary model's packed tree prepared for inference
+(``packing.load_packed(path, prepare=True)``): its layers decode the 2-bit codes inside
+the matmul (``models/ternary_kernel.py``); greedy decoding gives the latent params' tokens.
 """
 
 import dataclasses
