@@ -184,7 +184,7 @@ def bench_storage_and_inference(variant: str, methods: List[str], batch: int, se
   init = lambda cfg: nn.unbox(jax.jit(transformer.Transformer(cfg).init)(
       jax.random.key(0), tokens)["params"])
   float_shapes = jax.eval_shape(lambda: init(float_cfg))
-  mb = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree)) / 2**20
+  mb = lambda tree: packing.tree_nbytes(tree) / 2**20
   print(f"\n== storage and one decode step, {variant}, KV cache of {seq} tokens, median "
         f"of {steps} alternated rounds ==")
   print(f"bits/weight of the ternary kernels: TQ2 and prepared below; GGUF TQ1_0 "
