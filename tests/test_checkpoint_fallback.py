@@ -67,18 +67,22 @@ def _truncate(path):
     f.truncate(size // 2)
 
 
-def _largest_array_file(step_dir):
+def _truncate_array_files(step_dir):
+  """Halves every ocdbt data file of the step's state. (Damaging only one is not enough:
+  which arrays share a file depends on orbax's write threads, so a params-only read can
+  miss a single damaged file.)"""
   files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"),
                                 recursive=True) if os.path.isfile(f)]
   assert files, os.listdir(os.path.join(step_dir, "state"))
-  return max(files, key=os.path.getsize)
+  for f in files:
+    _truncate(f)
 
 
-# How a step's files get damaged: a half-written array chunk (ocdbt data file), a
+# How a step's files get damaged: half-written array chunks (ocdbt data files), a
 # truncated or missing state metadata json, a missing JSON item file, a missing iterator
 # file.
 DAMAGE = {
-    "truncated_array_file": lambda d: _truncate(_largest_array_file(d)),
+    "truncated_array_files": _truncate_array_files,
     "truncated_state_metadata": lambda d: _truncate(os.path.join(d, "state", "_METADATA")),
     "missing_state_metadata": lambda d: os.remove(os.path.join(d, "state", "_METADATA")),
     "missing_json_item": lambda d: os.remove(os.path.join(d, "online", "metadata")),
@@ -167,7 +171,7 @@ def test_missing_checkpoint_metadata_is_not_damage(run_dir, caplog):
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_all_steps_damaged_is_one_clear_error(run_dir, caplog, capfd):
   for step in STEPS:
-    DAMAGE["truncated_array_file"](str(run_dir / str(step)))
+    DAMAGE["truncated_array_files"](str(run_dir / str(step)))
   caplog.set_level(logging.WARNING)
   ckpt = checkpoint.Checkpointer(str(run_dir))
   it = CountingIterator()
@@ -189,7 +193,7 @@ def test_all_steps_damaged_is_one_clear_error(run_dir, caplog, capfd):
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
-@pytest.mark.parametrize("damage", ["truncated_array_file", "missing_state_metadata"])
+@pytest.mark.parametrize("damage", ["truncated_array_files", "missing_state_metadata"])
 def test_restore_params_falls_back_too(tmp_path, damage, caplog):
   workdir = tmp_path / "other_run"
   _save_run(workdir / "checkpoints")
