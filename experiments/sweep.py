@@ -65,6 +65,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from fcp_jax import compile_cache
 from fcp_jax import config_lib
 from fcp_jax import host
 
@@ -653,6 +654,7 @@ def launch_commands(opts: Mapping[str, Any], overrides: Sequence[str]) -> List[s
 
 def main(argv: Sequence[str]) -> int:
   host.tune_malloc()  # Before the first JAX computation; see fcp_jax/host.py.
+  compile_cache.enable()  # Arms share compiled programs; see fcp_jax/compile_cache.py.
   opts, overrides = parse_argv(argv)
   config_path, _, base_arg = opts["config"].partition(":")
   if opts.get("print_commands"):

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, List, Sequence
 
 import ml_collections
 
+from fcp_jax import compile_cache
 from fcp_jax import host
 
 
@@ -391,12 +392,15 @@ def driver_main(argv: Sequence[str], run: Callable[[Any, str], Any]) -> Any:
   """The command line every driver shares: ``--config spec --workdir DIR [--config.k=v]``.
 
   First applies the host malloc settings (``host.tune_malloc``: before any JAX
-  computation starts XLA's threads; ``FCP_JAX_MALLOC=system`` skips them). Then parses
+  computation starts XLA's threads; ``FCP_JAX_MALLOC=system`` skips them) and turns on
+  the persistent compilation cache (``compile_cache.enable``; ``FCP_JAX_COMPILE_CACHE=off``
+  skips it). Then parses
   and validates the flags, sets up absl logging (INFO), initialises ``jax.distributed``
   when ``config.parallel`` (or the environment) asks for it, before any JAX call, then
   calls ``run(config, workdir)`` and returns its result.
   """
   host.tune_malloc()
+  compile_cache.enable()
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   from fcp_jax.training import sharding  # pylint: disable=g-import-not-at-top

@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from fcp_jax import compile_cache
+
 Array = jax.Array
 FIELDS = 16  # 2-bit codes per uint32 word, consecutive along K.
 LANES = 16  # Columns per tile.
@@ -98,11 +100,6 @@ def scale_rows(scale, n: int, num_lead: int = 0) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 
 
-def _cache_dir() -> str:
-  return os.environ.get("FCP_JAX_CACHE",
-                        os.path.join(os.path.expanduser("~"), ".cache", "fcp_jax"))
-
-
 def _cpu_id() -> str:
   """The CPU's model and feature flags (the build uses -march=native)."""
   try:
@@ -124,7 +121,7 @@ def _build() -> str:
   key = hashlib.sha256(b"\0".join(
       [source, version.encode(), jaxlib.__version__.encode(), _cpu_id().encode()])
   ).hexdigest()[:16]
-  out = os.path.join(_cache_dir(), f"ternary_kernel-{key}.so")
+  out = os.path.join(compile_cache.cache_root(), f"ternary_kernel-{key}.so")
   if os.path.exists(out):
     return out
   os.makedirs(os.path.dirname(out), exist_ok=True)
