@@ -33,8 +33,10 @@ the model has and the checkpoint lacks are an error, except the ternary-only one
 """
 
 import base64
+import contextlib
 import dataclasses
 import json
+import logging as std_logging
 import os
 import sys
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -143,6 +145,27 @@ def _quiet_restore_echoes():
 
   hook._fcp_quiet_restore_echoes = True  # pylint: disable=protected-access
   sys.unraisablehook = hook
+
+
+class _UnreadItemsFilter(std_logging.Filter):
+  """Drops orbax's "Item X was found in the checkpoint, but could not be restored"
+  warnings: ``restore_params`` reads the state item alone on purpose, and orbax warns
+  about every other item (the iterator, the JSON extras) when it lists the step's
+  metadata."""
+
+  def filter(self, record):
+    return "was found in the checkpoint, but could not be restored" not in (
+        record.getMessage())
+
+
+@contextlib.contextmanager
+def _other_items_unread():
+  logger, quiet = std_logging.getLogger("absl"), _UnreadItemsFilter()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
 
 
 def _all_agree(ok: bool) -> bool:
@@ -449,7 +472,8 @@ def restore_params(path: str, abstract_params: Any, step: Optional[int] = None, 
       # is an error straight away.
       error, meta = None, None
       try:
-        meta = manager.item_metadata(step)
+        with _other_items_unread():
+          meta = manager.item_metadata(step)
         item_dir = os.path.join(directory, str(step), STATE)
         if (meta is None or STATE not in meta or meta[STATE] is None) and os.path.isdir(
             item_dir):  # orbax gives None for an item whose metadata file is missing.
