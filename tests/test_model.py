@@ -33,8 +33,8 @@ def test_cached_decoding_equals_full_forward(scan, remat):
   stepwise, cache = _decode_stepwise(model, params, tokens, prefill=4)
   np.testing.assert_array_less(np.abs(np.asarray(full - stepwise)).max(), 1e-5)
   assert int(cache["index"]) == 11
-  layer_shape = (3, 14, cfg.num_kv_heads, cfg.head_dim)
-  if scan:  # One stacked [L, B, S, K, H] array, scanned with the layers.
+  layer_shape = (3, cfg.num_kv_heads, 14, cfg.head_dim)  # [B, K, S, H]
+  if scan:  # One stacked [L, B, K, S, H] array, scanned with the layers.
     assert cache["k"].shape == (cfg.num_layers,) + layer_shape
   else:  # One buffer per layer.
     assert [k.shape for k in cache["k"]] == [layer_shape] * cfg.num_layers

@@ -1,5 +1,6 @@
 """Sampler: padding invariance, filtered sampling sets, num_samples, end tokens, packed
-ternary params."""
+ternary params; samples for a fixed seed pinned, and equal to categorical draws on the
+full forward pass."""
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,66 @@ def test_greedy_matches_argmax_of_full_forward(setup):
     if nxt in tok.eos_ids:
       break
     seq.append(nxt)
+
+
+# Sampler.sample(tiny_model(seed=3), ["12+7=", "a longer prompt", "x"], PRNGKey(5),
+# max_new_tokens=10, method="temperature(t=1.0)", num_samples=2) as recorded before the
+# decoding loop drew its Gumbel noise up front and the cache became [B, K, S, H].
+PINNED_TOKENS = [[87, 33, 80, 74, 15, 42, 33, 101, 92, 30],
+                 [99, 30, 27, 50, 18, 76, 55, 38, 71, 2],
+                 [30, 20, 61, 31, 15, 13, 97, 95, 4, 57],
+                 [98, 81, 95, 75, 55, 99, 31, 19, 72, 69],
+                 [67, 79, 18, 68, 54, 78, 102, 18, 27, 58],
+                 [71, 22, 100, 99, 55, 22, 65, 56, 41, 69]]
+PINNED_LOGPROB_SUMS = [-47.02194, -46.19915, -46.61395, -46.22267, -45.878, -46.38131]
+
+
+def _pinned_call(sampler, params):
+  return sampler.sample(params, ["12+7=", "a longer prompt", "x"], jax.random.PRNGKey(5),
+                        max_new_tokens=10, method="temperature(t=1.0)", num_samples=2)
+
+
+def test_samples_for_a_fixed_seed_are_unchanged(setup):
+  model, params, tok, sampler = setup
+  out = _pinned_call(sampler, params)
+  np.testing.assert_array_equal(out.tokens, PINNED_TOKENS)
+  np.testing.assert_array_equal(out.lengths, [10] * 6)
+  np.testing.assert_allclose(out.logprobs.sum(1), PINNED_LOGPROB_SUMS, atol=1e-4)
+
+
+def test_noise_drawn_per_step_equals_noise_drawn_up_front(setup, monkeypatch):
+  model, params, tok, _ = setup
+  up_front = _pinned_call(sampler_lib.Sampler(model, tok, prompt_bucket=8), params)
+  monkeypatch.setattr(sampler_lib, "NOISE_BYTES", 0)  # Too small: one draw per step.
+  per_step = _pinned_call(sampler_lib.Sampler(model, tok, prompt_bucket=8), params)
+  np.testing.assert_array_equal(per_step.tokens, up_front.tokens)
+  np.testing.assert_array_equal(per_step.logprobs, up_front.logprobs)
+
+
+@pytest.mark.parametrize("method", ["temperature(t=1.0)", "top_p(p=0.9, t=0.8)"])
+def test_sampled_tokens_match_categorical_on_the_full_forward(setup, method):
+  """Cached decoding draws what jax.random.categorical(fold_in(rng, step)) draws from
+  the logits of a full forward pass over the prompt and the tokens drawn so far."""
+  model, params, tok, sampler = setup
+  prompts, n, steps, rng = ["3+4=", "9-2="], 2, 6, jax.random.PRNGKey(4)
+  out = sampler.sample(params, prompts, rng, max_new_tokens=steps, method=method,
+                       num_samples=n)
+  pick = sampler_lib.SAMPLING_METHODS.build(method)
+  seqs = np.repeat(np.array([tok.encode(p) for p in prompts]), n, axis=0)  # [R, P]
+  apply = jax.jit(model.apply)
+  done = np.zeros(len(seqs), bool)  # [R] rows that emitted an end token
+  for step in range(steps):
+    logits, _ = apply({"params": params}, jnp.asarray(seqs))
+    logits = logits[:, -1].at[:, tok.vocab_size:].set(sampler_lib._NEG)  # [R, V]
+    token = np.asarray(pick(logits, jax.random.fold_in(rng, step)))  # [R]
+    logp = np.take_along_axis(jax.nn.log_softmax(logits), token[:, None], 1)[:, 0]
+    np.testing.assert_array_equal(out.tokens[:, step], np.where(done, tok.pad_id, token))
+    np.testing.assert_allclose(out.logprobs[:, step], np.where(done, 0.0, logp), atol=1e-5)
+    done |= np.isin(token, tok.eos_ids)
+    seqs = np.concatenate([seqs, token[:, None]], axis=1)
+  np.testing.assert_array_equal(out.lengths, [
+      steps if not d else list(np.isin(r, tok.eos_ids)).index(True) + 1
+      for r, d in zip(out.tokens, done)])
 
 
 def test_num_samples_gives_distinct_rows_per_prompt(setup):

@@ -10,7 +10,7 @@ with ``--new`` generated tokens at temperature 1 (a random model rarely emits th
 token, so every call runs all ``--new`` decoding steps). It prints the compile time,
 the median time per call and per decoding step, and generated tokens/s. The cache is
 ``prompt + new`` slots; ``--scan`` uses the stacked-layer (``nn.scan``) model, whose
-cache is one [L, B, S, K, H] array instead of one buffer per layer.
+cache is one [L, B, K, S, H] array instead of one buffer per layer.
 """
 
 import argparse

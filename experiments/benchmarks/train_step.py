@@ -21,7 +21,7 @@ import argparse
 import os
 import resource
 import time
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +52,7 @@ def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> Dict[str
                   np.float32))
 
 
-def _flops(compiled) -> Optional[float]:
+def xla_flops(compiled) -> Optional[float]:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
@@ -72,14 +72,15 @@ def matmul_peak(n: int = 1024, repeats: int = 20) -> float:
   return 2.0 * n ** 3 / best
 
 
-def bench_mode(mode: str, args) -> Optional[Dict[str, float]]:
-  if mode == "ternary":
-    try:
-      from fcp_jax.models import ternary  # pylint: disable=g-import-not-at-top,unused-import
-    except ImportError as e:
-      print(f"ternary: skipped ({e}).")
-      return None
-  model, model_cfg = state_lib.build_model({"variant": args.variant, **MODES[mode]})
+def build_step(model_config: Dict[str, Any], batch: int, seq: int):
+  """The real train step of ``model_config`` (``state_lib.build_model``'s argument).
+
+  AdamW (lr 1e-3, constant, weight decay 0.1 on kernels, clipping at norm 1), the FCP
+  loss (token-mean NLL over the loss mask), the ``mesh`` strategy on all devices, and a
+  ``synthetic_batch`` of ``batch`` x ``seq``. Returns ``(train_step, state, batch, par,
+  model_cfg)``; ``train_step.jitted`` is the ``jax.jit`` object (for ``lower``).
+  """
+  model, model_cfg = state_lib.build_model(model_config)
   opt = optim.make_optimizer(ml_collections.ConfigDict(dict(
       lr=1e-3, schedule="constant", weight_decay=0.1, clip_norm=1.0)),
                              total_steps=1000, model_cfg=model_cfg)
@@ -91,13 +92,25 @@ def bench_mode(mode: str, args) -> Optional[Dict[str, float]]:
   qlambda_fn = step_lib.make_qlambda_fn(model_cfg, {})  # λ = 1 from step 0.
   train_step = par.jit_train_step(step_lib.make_train_step(
       model, loss, opt, qlambda_fn=qlambda_fn, axis_name=par.axis_name), specs)
-  batch = par.put_batch(synthetic_batch(args.batch, args.seq, model_cfg.vocab_size))
+  batch = par.put_batch(synthetic_batch(batch, seq, model_cfg.vocab_size))
+  return train_step, state, batch, par, model_cfg
+
+
+def bench_mode(mode: str, args) -> Optional[Dict[str, float]]:
+  if mode == "ternary":
+    try:
+      from fcp_jax.models import ternary  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError as e:
+      print(f"ternary: skipped ({e}).")
+      return None
+  train_step, state, batch, par, _ = build_step({"variant": args.variant, **MODES[mode]},
+                                                 args.batch, args.seq)
 
   t = time.perf_counter()
   with par.context():
     compiled = train_step.jitted.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
-  xla_flops = _flops(compiled)
+  flops = xla_flops(compiled)
   temp_bytes = compiled.memory_analysis().temp_size_in_bytes
   state, m = train_step(state, batch)  # Warm-up.
   jax.block_until_ready(m)
@@ -112,7 +125,7 @@ def bench_mode(mode: str, args) -> Optional[Dict[str, float]]:
   n_params = transformer.count_params(state.params)
   tokens = args.batch * args.seq
   return dict(params=n_params, compile_s=compile_s, step_s=float(np.median(times)),
-              best_s=min(times), xla_flops=xla_flops or float("nan"),
+              best_s=min(times), xla_flops=flops or float("nan"),
               est_flops=6.0 * n_params * tokens, loss=float(m["loss"]),
               temp_mb=temp_bytes / 2**20, faults=faults / args.steps)
 

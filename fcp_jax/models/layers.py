@@ -89,6 +89,22 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array, style: str) -> Array
   return out.astype(x.dtype)
 
 
+def flat_dot(x: Array, kernel: Array, precision: Any = None,
+             preferred_element_type: Any = None) -> Array:
+  """``x`` [..., in] @ ``kernel`` [in, out] -> [..., out] as one 2-D matmul.
+
+  The same products and sums as ``jnp.dot(x, kernel)``. Folding the leading axes into
+  one before the matmul makes the backward pass's kernel gradient a plain 2-D
+  ``x2.T @ g2`` ([in, N] x [N, out]); from the 3-D dot, XLA:CPU contracts two axes
+  and lays the gradient out transposed first, a copy of the [N, out] activation
+  gradient (and of the elementwise fusion that produces it) per projection.
+  """
+  x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+  y = jnp.dot(x2, kernel, precision=precision,
+              preferred_element_type=preferred_element_type)  # [N, out]
+  return y.reshape(x.shape[:-1] + y.shape[-1:])  # [..., out]
+
+
 class Dense(nn.Module):
   """Float linear layer ``y = x @ kernel (+ bias)`` with logical axis names."""
   features: int
@@ -105,8 +121,8 @@ class Dense(nn.Module):
         "kernel", nn.with_logical_partitioning(
             nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal"),
             self.kernel_axes), (x.shape[-1], self.features), self.param_dtype)
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype),
-                precision=self.precision)  # [..., out]
+    y = flat_dot(x.astype(self.dtype), kernel.astype(self.dtype),
+                 precision=self.precision)  # [..., out]
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(
           nn.initializers.zeros, self.kernel_axes[1:]), (self.features,),
@@ -227,13 +243,16 @@ class Attention(nn.Module):
     kk = apply_rope(kk, positions, inv_freq, cfg.rope_style)
 
     if layer_cache is not None:  # Write this chunk at cache_index, attend to all S.
+      # The cache is [B, K, S, H]: a single-token query reads it in place (the
+      # transposes below cancel in ``_attention_logits``/``_attention_values``), where a
+      # [B, S, K, H] cache would be copied to that layout at every decoding step.
       zero = jnp.zeros((), jnp.int32)
-      start = (zero, cache_index, zero, zero)
-      kk = jax.lax.dynamic_update_slice(layer_cache["k"], kk.astype(
-          layer_cache["k"].dtype), start)  # [B, S, K, H]
-      v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(
-          layer_cache["v"].dtype), start)  # [B, S, K, H]
-      layer_cache = {"k": kk, "v": v}
+      start = (zero, zero, cache_index, zero)
+      write = lambda buf, x: jax.lax.dynamic_update_slice(
+          buf, x.astype(buf.dtype).transpose(0, 2, 1, 3), start)  # [B, K, S, H]
+      layer_cache = {"k": write(layer_cache["k"], kk), "v": write(layer_cache["v"], v)}
+      kk = layer_cache["k"].transpose(0, 2, 1, 3)  # [B, S, K, H]
+      v = layer_cache["v"].transpose(0, 2, 1, 3)  # [B, S, K, H]
 
     out = ATTENTION[cfg.attention](q, kk, v, mask, cfg.jnp_dtype)  # [B, T, N, H]
     out = out.reshape(b, t, n * h)  # [B, T, N*H]

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from fcp_jax import registry
+from fcp_jax.models import layers
 from fcp_jax.models import ternary_kernel
 
 Array = jax.Array
@@ -721,8 +722,8 @@ class TernaryDense(nn.Module):
                  for name, shape in wq.param_shapes((k, self.features)).items()}
       w_hat, out_bias = wq.fake_quant(w32, wparams, lam)  # [K, N]
       x_hat = aq.fake_quant(x32, aparams, lam)  # [..., K]
-      y = jnp.dot(x_hat.astype(self.dtype), w_hat.astype(self.dtype),
-                  precision=self.precision)  # [..., N]
+      y = layers.flat_dot(x_hat.astype(self.dtype), w_hat.astype(self.dtype),
+                          precision=self.precision)  # [..., N]
       self._monitor(wq, w32, wparams)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(

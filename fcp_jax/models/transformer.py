@@ -15,14 +15,16 @@
 
 The cache is a plain pytree passed in and returned (no mutable collection):
 
-    {"k": L x [B, S, K, H], "v": L x [B, S, K, H],
+    {"k": L x [B, K, S, H], "v": L x [B, K, S, H],
      "segment_ids": [B, S] int32 (0 = empty slot or padding), "index": [] int32}
 
-with ``k`` and ``v`` a tuple of one buffer per layer, or one stacked [L, B, S, K, H]
+with ``k`` and ``v`` a tuple of one buffer per layer, or one stacked [L, B, K, S, H]
 array when the layers are scanned (``scan_layers``). Separate buffers let XLA update
 each layer's cache in place; writing a layer's slice back into a stacked array copies
 the whole cache at every decoding step (on CPU, ``experiments/benchmarks/sampler.py``
-measures 60 ms per step with separate buffers, 109 ms with ``--scan``'s stacked one).
+measured 60 ms per step with separate buffers, 109 ms with ``--scan``'s stacked one).
+Heads before slots is the layout single-token attention reads: a [B, S, K, H] cache was
+transposed (copied whole) in every layer at every step, a quarter of a decoding step.
 
 Tokens written at cache slot ``s`` attend to slots ``<= s`` of their segment. RoPE uses the
 explicit ``positions``, so a left-padded row (positions starting at 0 on its first real
@@ -198,10 +200,10 @@ def init_cache(cfg: TransformerConfig, batch: int, max_len: int,
                dtype: Optional[Any] = None) -> dict:
   """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens."""
   dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  if cfg.scan_layers:  # One stacked array [L, B, S, K, H], scanned over with the layers.
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)  # [B, K, S, H]
+  if cfg.scan_layers:  # One stacked array [L, B, K, S, H], scanned over with the layers.
     kv = lambda: jnp.zeros((cfg.num_layers,) + shape, dtype)
-  else:  # One [B, S, K, H] buffer per layer (each updated in place while decoding).
+  else:  # One [B, K, S, H] buffer per layer (each updated in place while decoding).
     kv = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
   return {"k": kv(), "v": kv(),
           "segment_ids": jnp.zeros((batch, max_len), jnp.int32),        # [B, S]
@@ -219,7 +221,9 @@ def _embed(cfg: TransformerConfig) -> nn.Embed:
 def _unembed(cfg: TransformerConfig, embed: nn.Embed, x: Array, qlambda: Array) -> Array:
   """Final hidden states [B, T, D] -> float32 logits [B, T, V] (in a compact method)."""
   if cfg.tie_embeddings:
-    logits = embed.attend(x.astype(cfg.jnp_dtype))  # [B, T, V]
+    # ``embed.attend`` as one 2-D matmul (``layers.flat_dot``).
+    logits = layers.flat_dot(x.astype(cfg.jnp_dtype),
+                             embed.embedding.astype(cfg.jnp_dtype).T)  # [B, T, V]
   else:
     logits = layers.dense(cfg, "head", cfg.vocab_size, ("embed", "vocab"),
                           name="lm_head")(x, qlambda[-1])  # [B, T, V]

@@ -13,7 +13,10 @@ segment id 0 and each row's positions start at 0 on its first real token, so a b
 samples exactly what each prompt alone would. The prompt is prefilled once and its
 cache repeated ``num_samples`` times (rows ``i*n .. i*n+n-1`` belong to prompt ``i``).
 Decoding is a ``lax.while_loop`` that stops when every row has emitted an end token;
-its state, cache included, is donated to the decode call.
+its state, cache included, is donated to the decode call. The prefill projects only the
+last position's logits, and the Gumbel noise of every step is drawn before the loop
+(``Pick.with_noise``, up to ``NOISE_BYTES``): the same tokens and logprobs as drawing
+``jax.random.categorical(fold_in(rng, step), logits)`` at each step, with less work.
 
 Logits of ids at or beyond ``valid_vocab`` (the tokenizer's size when the model's
 vocabulary is padded) are masked out, so such ids are never sampled.
@@ -40,6 +43,8 @@ from fcp_jax.models import transformer as transformer_lib
 Array = jax.Array
 SAMPLING_METHODS = registry.Registry("sampling method")
 _NEG = -1e30
+# The most Gumbel noise (bytes) the decoding loop draws up front, for all its steps.
+NOISE_BYTES = 64 * 2**20
 
 
 def top_k_logits(logits: Array, k: int) -> Array:
@@ -58,32 +63,53 @@ def top_p_logits(logits: Array, p: float) -> Array:
   return jnp.where(logits < threshold, _NEG, logits)
 
 
+@dataclasses.dataclass(frozen=True)
+class Pick:
+  """A sampling rule: ``argmax(transform(logits) + Gumbel noise)``, or no noise (greedy).
+
+  ``pick(logits [R, V], rng)`` draws ``jax.random.categorical(rng, transform(logits))``
+  (the argmax when not ``stochastic``). ``with_noise(logits, noise)`` draws the same
+  token given ``noise = jax.random.gumbel(rng, [R, V])``, which lets the decoding loop
+  draw the noise of every step at once (``Sampler._decode``).
+  """
+  transform: Callable[[Array], Array]  # logits [R, V] -> the logits sampled from [R, V]
+  stochastic: bool = True
+
+  def __call__(self, logits: Array, rng: Array) -> Array:
+    logits = self.transform(logits)
+    if not self.stochastic:
+      return jnp.argmax(logits, axis=-1)  # [R]
+    return jax.random.categorical(rng, logits, axis=-1)  # [R]
+
+  def with_noise(self, logits: Array, noise: Optional[Array]) -> Array:
+    logits = self.transform(logits)  # [R, V]
+    return jnp.argmax(logits if noise is None else noise + logits, axis=-1)  # [R]
+
+
 @SAMPLING_METHODS.register("greedy")
-def greedy() -> Callable[[Array, Array], Array]:
-  return lambda logits, rng: jnp.argmax(logits, axis=-1)
+def greedy() -> Pick:
+  return Pick(lambda logits: logits, stochastic=False)
 
 
 @SAMPLING_METHODS.register("temperature")
-def temperature(t: float = 1.0):
+def temperature(t: float = 1.0) -> Pick:
   if t <= 0:
     return greedy()
-  return lambda logits, rng: jax.random.categorical(rng, logits / t, axis=-1)
+  return Pick(lambda logits: logits / t)
 
 
 @SAMPLING_METHODS.register("top_k")
-def top_k(k: int, t: float = 1.0):
+def top_k(k: int, t: float = 1.0) -> Pick:
   if k < 1:
     raise ValueError(f"top_k needs k >= 1, got {k}.")
-  return lambda logits, rng: jax.random.categorical(
-      rng, top_k_logits(logits / t, k), axis=-1)
+  return Pick(lambda logits: top_k_logits(logits / t, k))
 
 
 @SAMPLING_METHODS.register("top_p")
-def top_p(p: float, t: float = 1.0):
+def top_p(p: float, t: float = 1.0) -> Pick:
   if not 0 < p <= 1:
     raise ValueError(f"top_p needs 0 < p <= 1, got {p}.")
-  return lambda logits, rng: jax.random.categorical(
-      rng, top_p_logits(logits / t, p), axis=-1)
+  return Pick(lambda logits: top_p_logits(logits / t, p))
 
 
 @dataclasses.dataclass
@@ -193,17 +219,19 @@ class Sampler:
     b, width = tokens.shape
     positions = jnp.maximum(jnp.cumsum(segments, axis=1) - 1, 0)  # [B, P]
     cache = transformer_lib.init_cache(self.cfg, b, width + max_new)
-    logits, cache = self.model.apply({"params": params}, tokens, positions, segments,
-                                     cache=cache, qlambda=qlambda)
+    hidden, cache = self.model.apply({"params": params}, tokens, positions, segments,
+                                     cache=cache, qlambda=qlambda, return_hidden=True)
+    # Only the last position's logits are needed (the head on all P was 10-20% of it).
+    logits = transformer_lib.project(self.cfg, params, hidden[:, -1:], qlambda)[:, 0]
     repeat = lambda x: jnp.repeat(x, n, axis=0)
-    batch_axis = 1 if self.cfg.scan_layers else 0  # [L, B, ...] or L x [B, ...]
+    batch_axis = 1 if self.cfg.scan_layers else 0  # [L, B, K, S, H] or L x [B, K, S, H]
     cache = {**cache, "segment_ids": repeat(cache["segment_ids"]),
              **jax.tree.map(lambda x: jnp.repeat(x, n, axis=batch_axis),
                             {"k": cache["k"], "v": cache["v"]})}
     rows = b * n
     return {
         "cache": cache,
-        "logits": repeat(logits[:, -1]),                        # [B*n, V]
+        "logits": repeat(logits),                               # [B*n, V]
         "position": repeat(positions[:, -1] + 1),               # [B*n]
         "out": jnp.full((rows, max_new), self.pad_id, jnp.int32),
         "logprobs": jnp.zeros((rows, max_new), jnp.float32),
@@ -212,9 +240,22 @@ class Sampler:
         "step": jnp.zeros((), jnp.int32),
     }
 
-  def _decode(self, params, state, rng, qlambda, pick):
-    max_new = state["out"].shape[1]
+  def _decode(self, params, state, rng, qlambda, pick: Pick):
+    rows, max_new = state["out"].shape
+    shape = state["logits"].shape  # [R, V]
     end_ids = jnp.asarray(self.end_ids, jnp.int32)
+    noise_at = lambda step: None  # Greedy: no noise.
+    if pick.stochastic:
+      # Step s samples with jax.random.categorical(fold_in(rng, s), logits): Gumbel noise
+      # [R, V] from that key. Drawn for all steps at once when it fits NOISE_BYTES (one
+      # vectorised threefry instead of one small rolled loop per step), else per step.
+      dtype = state["logits"].dtype
+      gumbel = lambda step: jax.random.gumbel(jax.random.fold_in(rng, step), shape,
+                                              dtype)  # [R, V]
+      noise_at = gumbel
+      if max_new * rows * shape[1] * jnp.dtype(dtype).itemsize <= NOISE_BYTES:
+        noise = jax.vmap(gumbel)(jnp.arange(max_new))  # [N, R, V]
+        noise_at = lambda step: jax.lax.dynamic_index_in_dim(noise, step, keepdims=False)
 
     def cond(st):
       return (st["step"] < max_new) & ~jnp.all(st["done"])
@@ -223,7 +264,7 @@ class Sampler:
       step, logits = st["step"], st["logits"]
       if self.valid_vocab < logits.shape[-1]:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < self.valid_vocab, logits, _NEG)
-      token = pick(logits, jax.random.fold_in(rng, step)).astype(jnp.int32)  # [R]
+      token = pick.with_noise(logits, noise_at(step)).astype(jnp.int32)  # [R]
       logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], -1)[:, 0]
       live = ~st["done"]
       token = jnp.where(live, token, self.pad_id)
