@@ -122,6 +122,24 @@ def test_rope_styles_relate_by_a_permutation():
                              rtol=1e-5)
 
 
+def test_rope_table_once_is_the_per_layer_rotation():
+  # The Transformer computes the (sin, cos) tables once (``rope_table_once``, a
+  # conditional on CPU) and every layer rotates by them: bitwise what each layer's
+  # ``apply_rope`` computed from the positions, under jit as in the model.
+  pos = jnp.array([[0, 5, 17], [3, 4, 1000]])
+  inv = layers.rope_frequencies(8, 10_000.0)
+  once = jax.jit(layers.rope_table_once)(pos, inv)
+  plain = jax.jit(layers.rope_table)(pos, inv)
+  for a, b in zip(once, plain):
+    assert a.shape == (2, 3, 4)
+    np.testing.assert_array_equal(a, b)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 2, 8))
+  for style in ("half", "interleaved"):
+    rotated = jax.jit(lambda x, t, s=style: layers.rotate(x, t, s))(x, once)
+    per_layer = jax.jit(lambda x, p, s=style: layers.apply_rope(x, p, inv, s))(x, pos)
+    np.testing.assert_array_equal(rotated, per_layer)
+
+
 def test_llama3_rope_scaling_changes_only_low_frequencies():
   base = layers.rope_frequencies(64, 500_000.0)
   scaled = layers.rope_frequencies(64, 500_000.0, ("llama3", 32.0, 1.0, 4.0, 8192))

@@ -1,7 +1,9 @@
 """Benchmark: tokens/s and FLOP utilisation of the offline train step (float, ternary).
 
     python experiments/benchmarks/train_step.py [--variant small] [--batch 32] [--seq 96]
-        [--steps 10] [--modes float,ternary]
+        [--steps 10] [--modes float,ternary] [--peak_tflops X]
+    python experiments/benchmarks/train_step.py --variant 1b --batch 8 --seq 2048 \
+        --modes float   # on an accelerator: MFU of the bf16, remat 1b variant
 
 For each mode it compiles the real train step (``training/step.py`` under the ``mesh``
 strategy of ``training/sharding.py``, AdamW, token-mean NLL on a synthetic batch with a
@@ -9,7 +11,9 @@ response-only loss mask), times ``--steps`` updates one by one after a warm-up u
 prints the median and best step time, tokens/s (all positions, padding included) and FLOP/s. FLOPs per step come from
 XLA's ``cost_analysis`` of the compiled step, next to the ``6 * N * tokens`` estimate;
 utilisation is the step's FLOP/s over the FLOP/s of a large jitted float32 matmul
-measured in the same process. The ternary mode uses ``weight_quant="absmean"``,
+measured in the same process. MFU is the step's FLOP/s over the devices' nominal dense
+peak: ``--peak_tflops`` per device, else ``PEAK_TFLOPS`` by device kind (bf16 peaks of
+common accelerators; none for CPUs, whose row shows the matmul share only). The ternary mode uses ``weight_quant="absmean"``,
 ``act_quant="absmax_int8"`` at λ = 1 (fake quantization: float matmuls plus the
 quantizer work, so it is expected to be slower than float on CPU). It also prints
 XLA's scratch buffer per call and the host's minor page faults per step: with
@@ -40,6 +44,24 @@ MODES = {
     "float": dict(weight_quant="none", act_quant="none"),
     "ternary": dict(weight_quant="absmean", act_quant="absmax_int8"),
 }
+
+
+# Nominal dense bf16 TFLOP/s per device, by ``jax.Device.device_kind`` prefix.
+PEAK_TFLOPS = {
+    "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA H20": 148.0,
+    "NVIDIA A100": 312.0, "NVIDIA L4": 121.0,
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+    "TPU v6 lite": 918.0,
+}
+
+
+def device_peak_flops(override_tflops: Optional[float] = None) -> Optional[float]:
+  """FLOP/s of all devices together: ``override_tflops`` or ``PEAK_TFLOPS``, or None."""
+  kind = jax.devices()[0].device_kind
+  tflops = override_tflops or next(
+      (v for k, v in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0]))
+       if kind.startswith(k)), None)
+  return None if tflops is None else tflops * 1e12 * jax.device_count()
 
 
 def synthetic_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> Dict[str, np.ndarray]:
@@ -139,6 +161,8 @@ def main():
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--modes", default="float,ternary")
   parser.add_argument("--matmul", type=int, default=1024)
+  parser.add_argument("--peak_tflops", type=float, default=None,
+                      help="nominal peak per device for MFU (default: PEAK_TFLOPS)")
   args = parser.parse_args()
 
   print(f"devices: {jax.device_count()} x {jax.devices()[0].platform}; variant "
@@ -146,10 +170,14 @@ def main():
         f"malloc {os.environ.get(host.ENV, 'tuned')} ({host.ENV})")
   peak = matmul_peak(args.matmul)
   print(f"jitted {args.matmul}^2 float32 matmul: {peak / 1e9:.1f} GFLOP/s")
+  device_peak = device_peak_flops(args.peak_tflops)
+  print(f"device: {jax.devices()[0].device_kind}; nominal peak "
+        + (f"{device_peak / 1e12:.0f} TFLOP/s in all" if device_peak else
+           "unknown (MFU not shown; --peak_tflops sets it)"))
   header = (f"{'mode':8s} {'params':>9s} {'compile s':>9s} {'median ms':>9s} "
             f"{'best ms':>8s} {'tokens/s':>9s} {'XLA GFLOP/step':>14s} "
             f"{'6N GFLOP/step':>13s} {'GFLOP/s':>8s} {'of matmul':>9s} "
-            f"{'scratch MB':>10s} {'faults/step':>11s}")
+            f"{'MFU':>6s} {'scratch MB':>10s} {'faults/step':>11s}")
   rows = []
   for mode in args.modes.split(","):
     r = bench_mode(mode.strip(), args)
@@ -161,7 +189,9 @@ def main():
                 f"{1e3 * r['step_s']:9.1f} {1e3 * r['best_s']:8.1f} "
                 f"{args.batch * args.seq / r['step_s']:9,.0f} "
                 f"{r['xla_flops'] / 1e9:14.2f} {r['est_flops'] / 1e9:13.2f} "
-                f"{rate / 1e9:8.1f} {rate / peak:9.1%} {r['temp_mb']:10.1f} "
+                f"{rate / 1e9:8.1f} {rate / peak:9.1%} "
+                f"{(f'{rate / device_peak:.1%}' if device_peak else '-'):>6s} "
+                f"{r['temp_mb']:10.1f} "
                 f"{r['faults']:11,.0f}")
   print(header)
   print("\n".join(rows))

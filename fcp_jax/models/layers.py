@@ -68,14 +68,38 @@ def rope_frequencies(head_dim: int, base: float, scaling: Tuple = ()) -> Array:
   return inv
 
 
-def apply_rope(x: Array, positions: Array, inv_freq: Array, style: str) -> Array:
-  """Rotates ``x`` [B, T, N, H] by ``positions`` [B, T].
+def rope_table(positions: Array, inv_freq: Array) -> Tuple[Array, Array]:
+  """The rotation of ``positions`` [B, T]: ``(sin, cos)``, float32 [B, T, H/2] each."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  return jnp.sin(angles), jnp.cos(angles)
+
+
+def rope_table_once(positions: Array, inv_freq: Array) -> Tuple[Array, Array]:
+  """``rope_table``, computed once into a buffer on XLA:CPU (the same values).
+
+  XLA:CPU fuses an elementwise producer into each of its consumer fusions: every query
+  and key rotation of every layer, forward and backward, evaluated sin and cos again for
+  each head and each half of every head (16 times [B, T, N, H] for 4 layers, a few
+  percent of a small model's train step). A ``cond`` whose two branches are the same
+  computation is a value XLA cannot fuse or fold away (``optimization_barrier`` is
+  stripped before fusion), so the tables are computed once and read by every layer;
+  its predicate, whatever it is, selects the same result. On other backends the
+  recomputation is cheap and a conditional is not (a GPU reads its predicate back), and
+  a decoding step (one position per row) has tables of a few KB: plain ``rope_table``.
+  """
+  if jax.default_backend() != "cpu" or positions.shape[-1] <= 1 or positions.size == 0:
+    return rope_table(positions, inv_freq)
+  pred = positions.reshape(-1)[0] == 0  # Traced, so XLA keeps the conditional.
+  return jax.lax.cond(pred, rope_table, rope_table, positions, inv_freq)
+
+
+def rotate(x: Array, table: Tuple[Array, Array], style: str) -> Array:
+  """Rotates ``x`` [B, T, N, H] by ``table = (sin, cos)`` [B, T, H/2] (``rope_table``).
 
   ``style="half"`` rotates the two halves of each head (Hugging Face Llama/Qwen2);
   ``style="interleaved"`` rotates adjacent pairs (GPT-J, llama.cpp's GGUF layout).
   """
-  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  sin, cos = table[0][:, :, None, :], table[1][:, :, None, :]  # [B, T, 1, H/2]
   x32 = x.astype(jnp.float32)
   if style == "half":
     x1, x2 = jnp.split(x32, 2, axis=-1)  # [B, T, N, H/2] each
@@ -87,6 +111,11 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array, style: str) -> Array
   else:
     raise ValueError(f"Unknown rope_style {style!r}; use 'half' or 'interleaved'.")
   return out.astype(x.dtype)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array, style: str) -> Array:
+  """Rotates ``x`` [B, T, N, H] by ``positions`` [B, T] (``rotate`` of ``rope_table``)."""
+  return rotate(x, rope_table(positions, inv_freq), style)
 
 
 def flat_dot(x: Array, kernel: Array, precision: Any = None,
@@ -223,9 +252,10 @@ class Attention(nn.Module):
   cfg: Any
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, mask: Array,
+  def __call__(self, x: Array, rope: Tuple[Array, Array], mask: Array,
                layer_cache: Optional[dict], cache_index: Optional[Array],
                qlambda: Array) -> Tuple[Array, Optional[dict]]:
+    """``rope``: the ``rope_table`` of the positions (shared by all layers)."""
     cfg = self.cfg
     b, t, _ = x.shape
     n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -238,9 +268,8 @@ class Attention(nn.Module):
     v = dense(cfg, "v", k * h, ("embed", "kv_heads"), use_bias=cfg.qkv_bias,
               name="v_proj")(x, qlambda)
     v = _tag(v, "v_proj").reshape(b, t, k, h)  # [B, T, K, H]
-    inv_freq = rope_frequencies(h, cfg.rope_base, cfg.rope_scaling)
-    q = apply_rope(q, positions, inv_freq, cfg.rope_style)
-    kk = apply_rope(kk, positions, inv_freq, cfg.rope_style)
+    q = rotate(q, rope, cfg.rope_style)
+    kk = rotate(kk, rope, cfg.rope_style)
 
     if layer_cache is not None:  # Write this chunk at cache_index, attend to all S.
       # The cache is [B, K, S, H]: a single-token query reads it in place (the

@@ -267,12 +267,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, layer_cache: Optional[dict], qlambda: Array,
-               positions: Array, mask: Array, cache_index: Optional[Array]):
+               rope: Tuple[Array, Array], mask: Array, cache_index: Optional[Array]):
     cfg = self.cfg
     norm = lambda name: layers.RMSNorm(cfg.norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype,
                                        name=name)
     h, layer_cache = layers.Attention(cfg, name="attn")(
-        norm("attn_norm")(x), positions, mask, layer_cache, cache_index, qlambda)
+        norm("attn_norm")(x), rope, mask, layer_cache, cache_index, qlambda)
     x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
     x = x + layers.MLP(cfg, name="mlp")(norm("mlp_norm")(x), qlambda)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -313,6 +313,10 @@ class Transformer(nn.Module):
       mask = attention_mask(segment_ids, kv_segments, q_slots, kv_slots)     # [B, T, S]
       kv_cache = {"k": cache["k"], "v": cache["v"]}
 
+    # RoPE's (sin, cos) [B, T, H/2], computed once for all layers.
+    inv_freq = layers.rope_frequencies(cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
+    rope = layers.rope_table_once(positions, inv_freq)
+
     embed = _embed(cfg)
     x = embed(tokens)  # [B, T, D]
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -326,14 +330,14 @@ class Transformer(nn.Module):
           split_rngs={"params": True}, length=cfg.num_layers,
           in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
           metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, name="layers")(x, kv_cache, qlambda, positions, mask, start)
+      )(cfg, name="layers")(x, kv_cache, qlambda, rope, mask, start)
     else:
       new_k, new_v = [], []
       for i in range(cfg.num_layers):
         layer_cache = None if kv_cache is None else {"k": kv_cache["k"][i],
                                                      "v": kv_cache["v"][i]}
         x, layer_cache = block(cfg, name=f"layers_{i}")(
-            x, layer_cache, qlambda[i], positions, mask, start)
+            x, layer_cache, qlambda[i], rope, mask, start)
         if layer_cache is not None:
           new_k.append(layer_cache["k"])
           new_v.append(layer_cache["v"])
