@@ -122,7 +122,9 @@ def flat_dot(x: Array, kernel: Array, precision: Any = None,
              preferred_element_type: Any = None) -> Array:
   """``x`` [..., in] @ ``kernel`` [in, out] -> [..., out] as one 2-D matmul.
 
-  The same products and sums as ``jnp.dot(x, kernel)``. Folding the leading axes into
+  The same products as ``jnp.dot(x, kernel)``; the backward pass may sum the weight
+  gradient in another float32 order (1 ulp, so long trainings end elsewhere within seed
+  noise; ``docs/findings.md`` §9). Folding the leading axes into
   one before the matmul makes the backward pass's kernel gradient a plain 2-D
   ``x2.T @ g2`` ([in, N] x [N, out]); from the 3-D dot, XLA:CPU contracts two axes
   and lays the gradient out transposed first, a copy of the [N, out] activation
