@@ -33,6 +33,7 @@ setuptools.setup(
         "gguf>=0.19,<0.20",
         "openai>=3.63,<4",
         "httpx2>=2.16,<3",  # The judge's own HTTP client, also openai's.
+        "filelock>=3.12",  # Locks the persistent compilation cache (compile_cache.py).
     ],
     extras_require={
         "test": [
