@@ -7,9 +7,11 @@ pod or per GPU node) runs the same program. The rules the experiment layer follo
   ``feedback.cache.PrimaryFeedbackEnv``; writing stage records, caches, pools,
   datasets, results) runs on process 0 (``is_primary``); its outcome reaches the others
   through ``broadcast_json``, its files after a ``barrier``;
-* rows are global: every process builds the same rows (sampling is replicated, data
-  order is global), and each feeds its own slice of every global batch to the step
-  (``local_rows``), so the global batch is the concatenation of the slices, no copies.
+* rows are global: every process builds the same rows (the same prompts, a global
+  data order), and each feeds its own slice of every global batch to the step
+  (``local_rows``), so the global batch is the concatenation of the slices, no copies;
+  the sampler splits its prompt rows over every process's devices the same way
+  (``Sampler(parallel=...)``) and ``fetch`` gathers the samples back to every process.
 
 With one process every helper is a no-op.
 """

@@ -30,7 +30,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                      "evaluates validation prompts, which it draws from its train split.")
   if not config.init_from:
     raise ValueError("config.init_from must name the run (or checkpoint) to evaluate.")
-  policy = policy_lib.Policy(config.model, config.tokenizer, config.quant)
+  policy = policy_lib.Policy(config.model, config.tokenizer, config.quant,
+                             parallel=config.get("parallel"))
   pool = pool_lib.ConditionPool.load(ev.pool) if ev.pool else None
   negatives = pool_lib.ConditionPool.load(ev.negatives) if ev.get("negatives") else None
   examples = tasks_lib.TASKS.build(ev.task, split="eval", size=ev.size, seed=ev.task_seed)

@@ -366,7 +366,7 @@ def pretrained_base(ex: Experiment):
     base = ex.stages.path("base")
     ex.config = _with(config, **{"tokenizer": base, "warmup.init_from": base})
   ex.policy = policy_lib.Policy(ex.config.model, ex.config.tokenizer,
-                                ex.config.warmup.quant)
+                                ex.config.warmup.quant, parallel=ex.config.parallel)
 
 
 SPLITS = ("train", "validation", "test")

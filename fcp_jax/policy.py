@@ -8,7 +8,7 @@ and ``tokenizer`` accept, filling the ternary-only params a float checkpoint lac
 """
 
 import os
-from typing import Any, Callable, Dict, Mapping
+from typing import Any, Callable, Dict, Mapping, Optional
 
 from absl import logging
 import flax.linen as nn
@@ -18,6 +18,7 @@ import numpy as np
 from fcp_jax.data import tokenizer as tokenizer_lib
 from fcp_jax.sampling import sampler as sampler_lib
 from fcp_jax.training import checkpoint as checkpoint_lib
+from fcp_jax.training import sharding as sharding_lib
 from fcp_jax.training import state as state_lib
 from fcp_jax.training import step as step_lib
 
@@ -116,16 +117,25 @@ class Policy:
     tokenizer: a ``config.tokenizer`` spec (``build_tokenizer``).
     quant: the λ schedule the model was trained with (``config.quant``); sampling
       uses its final value.
+    parallel: a ``config.parallel`` section: params are loaded placed as training
+      places them, and the sampler splits its rows over the batch devices (every
+      device, and every process, samples its share). None: one device.
   """
 
   def __init__(self, model_config: Mapping[str, Any], tokenizer: str,
-               quant: Mapping[str, Any], *, prompt_bucket: int = PROMPT_BUCKET):
+               quant: Mapping[str, Any], *, prompt_bucket: int = PROMPT_BUCKET,
+               parallel: Optional[Mapping[str, Any]] = None):
     self.tok = build_tokenizer(tokenizer)
     self.model, self.model_cfg = state_lib.build_model(model_config)
     check_vocab(self.tok, self.model_cfg)
-    self.sampler = sampler_lib.Sampler(self.model, self.tok, prompt_bucket=prompt_bucket)
+    par = sharding_lib.build(parallel) if parallel is not None else None
+    self.sampler = sampler_lib.Sampler(self.model, self.tok, prompt_bucket=prompt_bucket,
+                                       parallel=par)
     self.abstract = jax.eval_shape(lambda: nn.unbox(state_lib.init_boxed_params(
         self.model, jax.random.PRNGKey(0))))
+    if par is not None:
+      self.abstract = sharding_lib.abstract_with_shardings(
+          self.abstract, par.shardings(state_lib.param_logical_specs(self.model)))
     self.qlambda = step_lib.make_qlambda_fn(self.model_cfg, quant)(
         step_lib.final_qlambda_step(quant, self.model_cfg.num_layers))
 

@@ -13,6 +13,7 @@ results do not depend on what ran before.
 """
 
 import dataclasses
+import time
 from typing import List, Optional, Sequence
 
 from absl import logging
@@ -39,6 +40,8 @@ class Rollouts:
   lengths: np.ndarray                     # [R] response lengths, end token included
   feedback: List[feedback_base.Feedback]  # [R] fresh feedback
   group_size: int
+  sample_s: float = 0.0                   # wall seconds in the sampler (compiles included)
+  feedback_s: float = 0.0                 # wall seconds waiting for the env's feedback
 
   def __len__(self) -> int:
     return len(self.texts)
@@ -77,6 +80,7 @@ def generate(sampler: sampler_lib.Sampler, params, examples: Sequence[tasks_lib.
   chunk = int(chunk_prompts) if chunk_prompts else max(len(examples), 1)
   responses, texts, logprobs, lengths, feedback = [], [], [], [], []
   progress = metrics_lib.Progress(len(examples))
+  sample_s = feedback_s = 0.0
   for start in range(0, len(examples), chunk):
     rows = slice(start * n, min(start + chunk, len(examples)) * n)
     if per_rollout:
@@ -84,13 +88,17 @@ def generate(sampler: sampler_lib.Sampler, params, examples: Sequence[tasks_lib.
     else:
       prompts, per_prompt = row_prompts[rows][::n], n
     key = rng if chunk_prompts is None else jax.random.fold_in(rng, start)
+    t0 = time.perf_counter()
     out = sampler.sample(params, prompts, key, max_new_tokens=max_new_tokens,
                          method=method, num_samples=per_prompt, qlambda=qlambda)
     responses += [out.response_ids(i) for i in range(len(out.lengths))]
     texts += list(out.text)
     logprobs.append(np.asarray(out.logprobs))
     lengths.append(np.asarray(out.lengths))
+    t1 = time.perf_counter()
     feedback += env.feedback(list(zip(row_examples[rows], out.text)))
+    sample_s += t1 - t0
+    feedback_s += time.perf_counter() - t1
     progress.add_tokens(int(np.sum(out.lengths)))
     if log_progress and chunk_prompts is not None:
       done = min(start + chunk, len(examples))
@@ -102,7 +110,8 @@ def generate(sampler: sampler_lib.Sampler, params, examples: Sequence[tasks_lib.
                   sample_conditions=row_conditions, responses=responses, texts=texts,
                   logprobs=np.concatenate(logprobs) if logprobs else np.zeros((0, 0)),
                   lengths=np.concatenate(lengths) if lengths else np.zeros((0,), int),
-                  feedback=feedback, group_size=n)
+                  feedback=feedback, group_size=n, sample_s=sample_s,
+                  feedback_s=feedback_s)
 
 
 class FeedbackFailedError(RuntimeError):

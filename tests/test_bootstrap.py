@@ -294,6 +294,10 @@ def test_grpo_kl_is_to_the_starting_policy_and_rounds_log_their_batch_nll(tmp_pa
     assert r["train/input_tokens"] > r["train/tokens"] > 0
     # A ternary model (runlocal's default): the share of codes the round changed.
     assert 0 < r["quant/flip_rate"] <= 1 and 0 <= r["quant/q_proj/flip_rate"] <= 1
+    # Where the round's time went: each phase measured, within the round's wall time.
+    phases = [r[f"time/{k}_s"] for k in ("sample", "feedback", "update", "diagnostics")]
+    assert min(phases[0], phases[2], phases[3]) > 0 and phases[1] >= 0
+    assert sum(phases) <= r["time/round_s"]
   # Logged before and after the round's update: round 1's update moved the policy, so
   # its rows' NLL changed (a value logged twice, or before the update, would not).
   assert rounds[0]["rollout/batch_nll_after"] != rounds[0]["rollout/batch_nll_before"]

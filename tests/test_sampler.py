@@ -10,6 +10,8 @@ import pytest
 from fcp_jax import testing
 from fcp_jax.models import packing
 from fcp_jax.sampling import sampler as sampler_lib
+from fcp_jax.training import sharding
+from fcp_jax.training import state as state_lib
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +75,36 @@ def test_samples_for_a_fixed_seed_are_unchanged(setup):
   np.testing.assert_array_equal(out.tokens, PINNED_TOKENS)
   np.testing.assert_array_equal(out.lengths, [10] * 6)
   np.testing.assert_allclose(out.logprobs.sum(1), PINNED_LOGPROB_SUMS, atol=1e-4)
+
+
+@pytest.mark.parametrize("parallel", [dict(mode="mesh", mesh_shape=(-1, 1, 1)),
+                                      dict(mode="mesh", mesh_shape=(2, 2, 2)),
+                                      dict(mode="pmap")], ids=["data8", "d2f2t2", "pmap"])
+def test_rows_split_over_devices_sample_the_pinned_tokens(setup, parallel):
+  """With ``parallel`` the rows (3 prompts, padded to the row shards) are decoded on
+  their devices, params placed by the strategy (FSDP/tensor-sharded in d2f2t2), and the
+  samples are the single-device ones."""
+  model, params, tok, _ = setup
+  par = sharding.build(parallel)
+  placed = jax.device_put(params, par.shardings(state_lib.param_logical_specs(model)))
+  sampler = sampler_lib.Sampler(model, tok, prompt_bucket=8, parallel=par)
+  assert sampler.row_shards == {"data8": 8, "d2f2t2": 4, "pmap": 8}[
+      "pmap" if parallel["mode"] == "pmap" else
+      ("data8" if parallel["mesh_shape"][0] == -1 else "d2f2t2")]
+  out = _pinned_call(sampler, placed)
+  np.testing.assert_array_equal(out.tokens, PINNED_TOKENS)
+  np.testing.assert_array_equal(out.prompt_index, [0, 0, 1, 1, 2, 2])
+  np.testing.assert_allclose(out.logprobs.sum(1), PINNED_LOGPROB_SUMS, atol=1e-4)
+  # The decoding state is split over the row shards: each device holds its rows only.
+  tokens, segments = sampler.left_pad([tok.encode(p) for p in ["12+7=", "x"]])
+  with par.context():
+    state = sampler.jitted("greedy", 4, 2)["prefill"](
+        placed, sampler.place_rows(tokens), sampler.place_rows(segments), None)
+    state = sampler.jitted("greedy", 4, 2)["decode"](placed, state,
+                                                     jax.random.PRNGKey(0), None)
+  for rows in (state["out"], state["logprobs"], state["cache"]["segment_ids"]):
+    assert rows.shape[0] == sampler.row_shards * 2  # [row_shards * 2, ...]
+    assert {s.data.shape[0] for s in rows.addressable_shards} == {2}
 
 
 def test_noise_drawn_per_step_equals_noise_drawn_up_front(setup, monkeypatch):

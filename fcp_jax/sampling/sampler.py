@@ -18,6 +18,15 @@ last position's logits, and the Gumbel noise of every step is drawn before the l
 (``Pick.with_noise``, up to ``NOISE_BYTES``): the same tokens and logprobs as drawing
 ``jax.random.categorical(fold_in(rng, step), logits)`` at each step, with less work.
 
+With ``parallel`` (a ``training.sharding`` strategy, ``sharding.build(config.parallel)``)
+the prompt rows are split over its batch devices (``sample_sharding``; rows padded with
+copies of the first prompt to a multiple of the shards, and dropped after), calls run
+in its context, and ``params`` must be placed by it (``par.shardings`` of the param
+specs): each device, and each process of a multi-process run, decodes its share of the
+rows, and the outputs are gathered. Every process passes the same prompts. Rows do not
+depend on the padding (the noise of row ``r`` is the same at any batch size), but the
+matmuls of a smaller per-device batch may round differently (~1e-7 in logprobs).
+
 Logits of ids at or beyond ``valid_vocab`` (the tokenizer's size when the model's
 vocabulary is padded) are masked out, so such ids are never sampled.
 
@@ -29,8 +38,9 @@ Sampling methods are registry strings (``SAMPLING_METHODS``): ``greedy``,
 the matmul (``models/ternary_kernel.py``); greedy decoding gives the latent params' tokens.
 """
 
+import contextlib
 import dataclasses
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -130,8 +140,15 @@ class Sampler:
 
   def __init__(self, model: transformer_lib.Transformer, tokenizer=None, *,
                end_ids: Optional[Sequence[int]] = None, pad_id: Optional[int] = None,
-               prompt_bucket: int = 16, valid_vocab: Optional[int] = None):
+               prompt_bucket: int = 16, valid_vocab: Optional[int] = None,
+               parallel: Any = None):
     self.model = model
+    self.parallel = parallel
+    self.row_shards = 1  # Prompt rows are padded to a multiple of this.
+    if parallel is not None:
+      sh = parallel.sample_sharding  # Shards along axis 0 of a [rows, 1] array.
+      n = sh.num_devices
+      self.row_shards = len({idx[0].start for idx in sh.devices_indices_map((n, 1)).values()})
     self.cfg = model.cfg
     self.tokenizer = tokenizer
     if end_ids is None:
@@ -181,18 +198,34 @@ class Sampler:
     """Samples ``num_samples`` responses of at most ``max_new_tokens`` per prompt."""
     if max_new_tokens < 1 or num_samples < 1:
       raise ValueError("max_new_tokens and num_samples must be >= 1.")
-    tokens, segments = self.left_pad(self._encode(prompts))
+    tokens, segments = self.left_pad(self._encode(prompts))  # [B, P]
     fns = self._functions(method, max_new_tokens, num_samples)
-    state = fns["prefill"](params, tokens, segments, qlambda)
-    state = fns["decode"](params, state, rng, qlambda)
-    out_tokens, lengths, logprobs = distributed.fetch(
-        (state["out"], state["length"], state["logprobs"]))
+    context = contextlib.nullcontext()
+    if self.parallel is not None:
+      tokens, segments = self.place_rows(tokens), self.place_rows(segments)
+      context = self.parallel.context()
+    with context:
+      state = fns["prefill"](params, tokens, segments, qlambda)
+      state = fns["decode"](params, state, rng, qlambda)
+    rows = len(prompts) * num_samples  # Padding rows dropped.
+    out_tokens, lengths, logprobs = (x[:rows] for x in distributed.fetch(
+        (state["out"], state["length"], state["logprobs"])))
     text = None
     if self.tokenizer is not None:
       text = [self.tokenizer.decode(self._strip_end(row[:n]))
               for row, n in zip(out_tokens, lengths)]
     return SampleOutput(out_tokens, lengths, logprobs, text,
                         np.repeat(np.arange(len(prompts)), num_samples))
+
+  def place_rows(self, rows: np.ndarray) -> Array:
+    """Global rows [B, ...] (the same on every process) -> an array split over
+    ``parallel.sample_sharding``, padded with copies of row 0 to a multiple of the
+    shards."""
+    pad = -len(rows) % self.row_shards
+    if pad:
+      rows = np.concatenate([rows, np.repeat(rows[:1], pad, axis=0)])
+    return jax.make_array_from_callback(rows.shape, self.parallel.sample_sharding,
+                                        lambda index: rows[index])
 
   def _strip_end(self, ids):
     ids = list(ids)
@@ -229,7 +262,7 @@ class Sampler:
              **jax.tree.map(lambda x: jnp.repeat(x, n, axis=batch_axis),
                             {"k": cache["k"], "v": cache["v"]})}
     rows = b * n
-    return {
+    state = {
         "cache": cache,
         "logits": repeat(logits),                               # [B*n, V]
         "position": repeat(positions[:, -1] + 1),               # [B*n]
@@ -239,6 +272,20 @@ class Sampler:
         "done": jnp.zeros((rows,), bool),
         "step": jnp.zeros((), jnp.int32),
     }
+    if self.parallel is None:
+      return state
+    # Every row-indexed array of the loop state split like the prompt rows (XLA would
+    # otherwise keep the constant-initialised ones whole on every device).
+    spec = self.parallel.sample_sharding.spec[0]
+    split = lambda x, axis: jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(
+        self.parallel.sample_sharding.mesh,
+        jax.sharding.PartitionSpec(*([None] * axis + [spec]))))
+    cache = state.pop("cache")
+    cache = {**cache, "segment_ids": split(cache["segment_ids"], 0),
+             **jax.tree.map(lambda x: split(x, batch_axis), {"k": cache["k"],
+                                                             "v": cache["v"]})}
+    step = state.pop("step")
+    return {**jax.tree.map(lambda x: split(x, 0), state), "cache": cache, "step": step}
 
   def _decode(self, params, state, rng, qlambda, pick: Pick):
     rows, max_new = state["out"].shape

@@ -283,7 +283,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   # On an accelerator: stop now if the update's memory plan exceeds the chip.
   memory_plan.check_before_training(config, par, rows=int(on.mini_batch),
                                     seq_len=int(on.max_len))
-  sampler = sampler_lib.Sampler(model, tok, prompt_bucket=int(on.prompt_bucket))
+  sampler = sampler_lib.Sampler(model, tok, prompt_bucket=int(on.prompt_bucket),
+                                parallel=par)  # Rows split like the train batches.
   qlambda_jit = jax.jit(qlambda_fn)
   # Diagnostics: the NLL of a round's rows before and after its updates.
   nll_step = par.jit_eval_step(step_lib.make_eval_step(
@@ -402,22 +403,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         batch["ref_logprobs"] = ref_logprobs(
             _split_rows(batch, int(on.mini_batch)), int(jax.device_get(state.step)))
       mbs = _split_rows(batch, int(on.mini_batch))
+      t_diag = time.perf_counter()
       nll_before = batch_nll(state.params, mbs, int(jax.device_get(state.step)))
+      diag_s = time.perf_counter() - t_diag
       pending = metrics_lib.PendingMetrics()
       mb_tokens = [int(np.count_nonzero(mb["segment_ids"])) for mb in mbs]  # [M]
       round_updates = updates
       if round_tokens:  # Toward the budget so far: rounding does not add up.
         round_updates = updates_for_tokens(mb_tokens, (r + 1) * round_tokens - tokens_done)
       tokens_done += sum(mb_tokens[j % len(mbs)] for j in range(round_updates))
+      t_update = time.perf_counter()
       for j in range(round_updates):  # Passes over the mini-batches, in order.
         state, m = train_step(state, put(mbs[j % len(mbs)]))
         pending.add(j, m)
       per_update = [m for _, m in pending.fetch()]
+      update_s = time.perf_counter() - t_update
       step_metrics = metrics_lib.mean_metrics(per_update)
       for key in ("tokens", "input_tokens"):  # Budget: sums over the round's updates.
         step_metrics[key] = float(sum(m.get(key, 0.0) for m in per_update))
       step_metrics["updates"] = float(len(per_update))
+      t_diag = time.perf_counter()
       nll_after = batch_nll(state.params, mbs, int(jax.device_get(state.step)))
+      diag_s += time.perf_counter() - t_diag
       tokens = int(np.count_nonzero(batch["segment_ids"]))
       progress.add_tokens(tokens)
       answered = [fb for fb in feedback if fb.ok] or feedback
@@ -432,7 +439,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
           "rollout/batch_nll_before": nll_before, "rollout/batch_nll_after": nll_after,
           "feedback/failed": float(len(feedback) - int(ro.ok.sum())),
           "feedback/hits": float(env.hits), "feedback/misses": float(env.misses),
+          # Where the round's time went (compiles of the first round included).
           "time/round_s": time.perf_counter() - t0,
+          "time/sample_s": ro.sample_s, "time/feedback_s": ro.feedback_s,
+          "time/update_s": update_s, "time/diagnostics_s": diag_s,
       }
       if flip_rate is not None:  # Every process computes it (SPMD); process 0 writes.
         round_metrics.update(flip_rate(state.params))

@@ -5,6 +5,7 @@
     train = par.jit_train_step(train_step_fn, specs)   # (state, batch) -> (state, metrics)
     evaluate = par.jit_eval_step(eval_step_fn, specs)  # (params, batch, step) -> metrics
     batch = par.put_batch(numpy_batch)                 # this process's rows -> devices
+    par.sample_sharding                                # the sampler's global prompt rows
 
 ``mesh``: a ``jax.sharding.Mesh`` with axes ``("data", "fsdp", "tensor")`` and **Auto**
 axis types (``jax.make_mesh`` defaults to Explicit in JAX 0.10, which breaks
@@ -150,6 +151,7 @@ class MeshParallel:
     self.mesh = make_mesh(cfg.get("mesh_shape", (-1, 1, 1)), devices)
     self.rules = logical_rules(cfg.get("rules", DEFAULT_RULES))
     self.batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
+    self.sample_sharding = self.batch_sharding  # Global prompt rows of the sampler.
     self.replicated = NamedSharding(self.mesh, P())
 
   @property
@@ -251,12 +253,18 @@ class PmapParallel:
       raise ValueError("pmap mode runs on all devices; it takes no device list.")
     self.local_devices = jax.local_devices()
     # pmap returns the state replicated over this process's devices; keep it that way.
-    self.replicated = NamedSharding(Mesh(np.asarray(self.local_devices), ("replica",)),
-                                    P())
+    local = Mesh(np.asarray(self.local_devices), ("replica",))
+    self.replicated = NamedSharding(local, P())
+    # The sampler splits its rows over this process's devices (the params are there).
+    self.sample_sharding = NamedSharding(local, P("replica"))
 
   @property
   def num_replicas(self) -> int:
     return jax.device_count()
+
+  def context(self):
+    """pmap needs no mesh or rules context (for callers written for both modes)."""
+    return contextlib.nullcontext()
 
   def shardings(self, logical_specs: Any) -> Any:
     is_spec = lambda x: isinstance(x, P)
