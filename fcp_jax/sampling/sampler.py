@@ -256,36 +256,33 @@ class Sampler:
                                      cache=cache, qlambda=qlambda, return_hidden=True)
     # Only the last position's logits are needed (the head on all P was 10-20% of it).
     logits = transformer_lib.project(self.cfg, params, hidden[:, -1:], qlambda)[:, 0]
-    repeat = lambda x: jnp.repeat(x, n, axis=0)
+    rows = self._split_rows  # Row-indexed arrays split like the prompt rows.
+    repeat = lambda x, axis=0: rows(jnp.repeat(x, n, axis=axis), axis)
     batch_axis = 1 if self.cfg.scan_layers else 0  # [L, B, K, S, H] or L x [B, K, S, H]
     cache = {**cache, "segment_ids": repeat(cache["segment_ids"]),
-             **jax.tree.map(lambda x: jnp.repeat(x, n, axis=batch_axis),
+             **jax.tree.map(lambda x: repeat(x, batch_axis),
                             {"k": cache["k"], "v": cache["v"]})}
-    rows = b * n
-    state = {
+    r = b * n
+    return {
         "cache": cache,
         "logits": repeat(logits),                               # [B*n, V]
         "position": repeat(positions[:, -1] + 1),               # [B*n]
-        "out": jnp.full((rows, max_new), self.pad_id, jnp.int32),
-        "logprobs": jnp.zeros((rows, max_new), jnp.float32),
-        "length": jnp.zeros((rows,), jnp.int32),
-        "done": jnp.zeros((rows,), bool),
+        "out": rows(jnp.full((r, max_new), self.pad_id, jnp.int32)),
+        "logprobs": rows(jnp.zeros((r, max_new), jnp.float32)),
+        "length": rows(jnp.zeros((r,), jnp.int32)),
+        "done": rows(jnp.zeros((r,), bool)),
         "step": jnp.zeros((), jnp.int32),
     }
+
+  def _split_rows(self, x: Array, axis: int = 0) -> Array:
+    """``x`` split over ``parallel.sample_sharding``'s devices along ``axis`` (without
+    the constraint XLA keeps the constant-initialised loop state whole on each)."""
     if self.parallel is None:
-      return state
-    # Every row-indexed array of the loop state split like the prompt rows (XLA would
-    # otherwise keep the constant-initialised ones whole on every device).
-    spec = self.parallel.sample_sharding.spec[0]
-    split = lambda x, axis: jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(
-        self.parallel.sample_sharding.mesh,
-        jax.sharding.PartitionSpec(*([None] * axis + [spec]))))
-    cache = state.pop("cache")
-    cache = {**cache, "segment_ids": split(cache["segment_ids"], 0),
-             **jax.tree.map(lambda x: split(x, batch_axis), {"k": cache["k"],
-                                                             "v": cache["v"]})}
-    step = state.pop("step")
-    return {**jax.tree.map(lambda x: split(x, 0), state), "cache": cache, "step": step}
+      return x
+    sharding = self.parallel.sample_sharding
+    spec = jax.sharding.PartitionSpec(*([None] * axis + [sharding.spec[0]]))
+    return jax.lax.with_sharding_constraint(
+        x, jax.sharding.NamedSharding(sharding.mesh, spec))
 
   def _decode(self, params, state, rng, qlambda, pick: Pick):
     rows, max_new = state["out"].shape
