@@ -90,7 +90,7 @@ K, N = 24, 12
 
 
 def _layer_params(spec, seed=0, lead=()):
-  info = packing.LayerInfo(spec, "none", ("embed", "mlp"), K)
+  info = packing.LayerInfo(spec, "none", ("embed", "mlp"), K, N)
   wq = ternary.weight_quantizer(spec)
   kernel = jax.random.normal(jax.random.key(seed), (*lead, K, N)) * 0.1
   init = wq.init_params
@@ -146,7 +146,8 @@ def test_packed_layer_matches_fake_quant_layer(spec, act):
   x = jax.random.normal(jax.random.key(1), (4, 3, K))
   params = nn.unbox(jax.jit(layer.init)(jax.random.key(0), x)["params"])
   params["bias"] = jnp.linspace(-0.5, 0.5, N)
-  packed = packing.export_layer(params, packing.LayerInfo(spec, act, layer.kernel_axes, K))
+  packed = packing.export_layer(params,
+                                packing.LayerInfo(spec, act, layer.kernel_axes, K, N))
   assert packed["codes"].dtype == np.uint8 and "kernel" not in packed
   with jax.default_matmul_precision("highest"):
     y_fake = layer.apply({"params": params}, x, jnp.float32(1.0))

@@ -82,7 +82,7 @@ def test_elastic_packed_layer_matches_fake_quant(act):
   x = jax.random.normal(jax.random.key(1), (2, 3, k)) + 0.3
   params = nn.unbox(layer.init(jax.random.key(0), x)["params"])
   packed = packing.export_layer(params, packing.LayerInfo("absmean", act,
-                                                          ("embed", "mlp"), k))
+                                                          ("embed", "mlp"), k, n))
   with jax.default_matmul_precision("highest"):
     y_fake = layer.apply({"params": params}, x)
     y_packed = layer.apply({"params": packed}, x)

@@ -139,7 +139,7 @@ class LayerInfo(NamedTuple):
   act_quant: str
   kernel_axes: Tuple[str, str]
   in_features: int  # K
-  out_features: int = 0  # N
+  out_features: int  # N
 
 
 def ternary_layers(cfg: transformer.TransformerConfig) -> Dict[Path, LayerInfo]:
