@@ -204,7 +204,8 @@ def evaluate_policy(sampler: sampler_lib.Sampler, params: Any,
       for i in range(0, len(prompts), batch_size):
         out = sampler.sample(params, prompts[i:i + batch_size], jax.random.PRNGKey(0),
                              max_new_tokens=max_new_tokens, method="greedy",
-                             qlambda=qlambda)
+                             qlambda=qlambda,  # A short last batch: the same program.
+                             min_prompts=batch_size if len(prompts) > batch_size else 0)
         out_texts += list(out.text)
         lengths += [int(x) for x in out.lengths]
       per_seed.append(score_responses(examples, out_texts, lengths))

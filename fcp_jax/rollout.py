@@ -78,6 +78,8 @@ def generate(sampler: sampler_lib.Sampler, params, examples: Sequence[tasks_lib.
   row_prompts = [chat.encode_prompt(tok, q, c, system=system)
                  for q, c in zip(questions, row_conditions)]
   chunk = int(chunk_prompts) if chunk_prompts else max(len(examples), 1)
+  # Sampler prompts of a full chunk: a short last chunk is padded to it (one program).
+  full_chunk = chunk * (n if per_rollout else 1) if len(examples) > chunk else 0
   responses, texts, logprobs, lengths, feedback = [], [], [], [], []
   progress = metrics_lib.Progress(len(examples))
   sample_s = feedback_s = 0.0
@@ -90,7 +92,8 @@ def generate(sampler: sampler_lib.Sampler, params, examples: Sequence[tasks_lib.
     key = rng if chunk_prompts is None else jax.random.fold_in(rng, start)
     t0 = time.perf_counter()
     out = sampler.sample(params, prompts, key, max_new_tokens=max_new_tokens,
-                         method=method, num_samples=per_prompt, qlambda=qlambda)
+                         method=method, num_samples=per_prompt, qlambda=qlambda,
+                         min_prompts=full_chunk)
     responses += [out.response_ids(i) for i in range(len(out.lengths))]
     texts += list(out.text)
     logprobs.append(np.asarray(out.logprobs))

@@ -30,8 +30,8 @@ class ScriptedSampler:
     self.methods = []
 
   def sample(self, params, prompts, rng, *, max_new_tokens, method, num_samples=1,
-             qlambda=None):
-    del params, rng, qlambda
+             qlambda=None, min_prompts=0):
+    del params, rng, qlambda, min_prompts
     self.methods.append(method)
     texts = []
     for p in prompts:

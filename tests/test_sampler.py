@@ -107,6 +107,23 @@ def test_rows_split_over_devices_sample_the_pinned_tokens(setup, parallel):
     assert {s.data.shape[0] for s in rows.addressable_shards} == {2}
 
 
+def test_short_batch_padded_to_min_prompts_reuses_the_program(setup):
+  """A last chunk of 2 prompts padded to 3 runs the 3-prompt program (no compile) and
+  samples what the first 2 prompts' rows of the 3-prompt call sampled."""
+  model, params, tok, _ = setup
+  sampler = sampler_lib.Sampler(model, tok, prompt_bucket=8)
+  full = _pinned_call(sampler, params)
+  short = sampler.sample(params, ["12+7=", "a longer prompt"], jax.random.PRNGKey(5),
+                         max_new_tokens=10, method="temperature(t=1.0)", num_samples=2,
+                         min_prompts=3)
+  fns = sampler.jitted("temperature(t=1.0)", 10, 2)
+  assert fns["prefill"]._cache_size() == fns["decode"]._cache_size() == 1
+  assert short.tokens.shape == (4, 10) and len(short.text) == 4
+  np.testing.assert_array_equal(short.tokens, full.tokens[:4])
+  np.testing.assert_array_equal(short.logprobs, full.logprobs[:4])
+  np.testing.assert_array_equal(short.prompt_index, [0, 0, 1, 1])
+
+
 def test_noise_drawn_per_step_equals_noise_drawn_up_front(setup, monkeypatch):
   model, params, tok, _ = setup
   up_front = _pinned_call(sampler_lib.Sampler(model, tok, prompt_bucket=8), params)

@@ -122,6 +122,13 @@ def top_p(p: float, t: float = 1.0) -> Pick:
   return Pick(lambda logits: top_p_logits(logits / t, p))
 
 
+def _pad_rows(rows: np.ndarray, count: int) -> np.ndarray:
+  """``rows`` [B, ...] followed by copies of ``rows[0]`` up to ``count`` rows."""
+  if count <= len(rows):
+    return rows
+  return np.concatenate([rows, np.repeat(rows[:1], count - len(rows), axis=0)])
+
+
 @dataclasses.dataclass
 class SampleOutput:
   tokens: np.ndarray        # [B*n, N] int32
@@ -194,11 +201,18 @@ class Sampler:
 
   def sample(self, params, prompts: Sequence[Union[str, Sequence[int]]], rng: Array, *,
              max_new_tokens: int, method: str = "greedy", num_samples: int = 1,
-             qlambda=None) -> SampleOutput:
-    """Samples ``num_samples`` responses of at most ``max_new_tokens`` per prompt."""
+             qlambda=None, min_prompts: int = 0) -> SampleOutput:
+    """Samples ``num_samples`` responses of at most ``max_new_tokens`` per prompt.
+
+    ``min_prompts``: the batch is padded with copies of the first prompt to at least
+    this many (dropped after), so a short last chunk runs the full chunks' program
+    instead of compiling its own.
+    """
     if max_new_tokens < 1 or num_samples < 1:
       raise ValueError("max_new_tokens and num_samples must be >= 1.")
     tokens, segments = self.left_pad(self._encode(prompts))  # [B, P]
+    if min_prompts > len(tokens):
+      tokens, segments = (_pad_rows(x, min_prompts) for x in (tokens, segments))
     fns = self._functions(method, max_new_tokens, num_samples)
     context = contextlib.nullcontext()
     if self.parallel is not None:
@@ -221,9 +235,7 @@ class Sampler:
     """Global rows [B, ...] (the same on every process) -> an array split over
     ``parallel.sample_sharding``, padded with copies of row 0 to a multiple of the
     shards."""
-    pad = -len(rows) % self.row_shards
-    if pad:
-      rows = np.concatenate([rows, np.repeat(rows[:1], pad, axis=0)])
+    rows = _pad_rows(rows, -(-len(rows) // self.row_shards) * self.row_shards)
     return jax.make_array_from_callback(rows.shape, self.parallel.sample_sharding,
                                         lambda index: rows[index])
 
