@@ -4,7 +4,7 @@
     python -m fcp_jax.pipeline --config configs/arith_fcp.py:runlocal --workdir /tmp/x
     python experiments/sweep.py --config configs/arith_fcp.py:runlocal --workdir /tmp/s
 
-Args (``:variant=small,runlocal,seed=0,ternary=True,subln=False,stage=``):
+Args (``:variant=small,runlocal,seed=0,ternary=True,subln=auto,stage=``):
   variant: model variant (``fcp_jax.models.transformer.VARIANTS``).
   runlocal: tiny model, a few steps of every stage (the test suite runs it).
   seed: seeds every stage (model init, data order, sampling, pool draws).
@@ -12,7 +12,8 @@ Args (``:variant=small,runlocal,seed=0,ternary=True,subln=False,stage=``):
     128 x 4 layers is ``small`` narrowed to fit the CPU time budget).
   ternary: 1.58-bit QAT of the linear layers (``absmean`` weights, ``absmax_int8``
     activations, λ warm-up during the SFT warm-up); ``ternary=False`` is the float model.
-  subln: BitNet b1.58 2B4T's SubLN (an RMSNorm at the input of o_proj and down_proj).
+  subln: BitNet b1.58 2B4T's SubLN (an RMSNorm at the input of o_proj and down_proj);
+    ``auto`` (on for the ternary model, off for the float one), ``True`` or ``False``.
   stage: ``""`` for the pipeline config; ``warmup``, ``offline``, ``rft`` (configs of
     ``fcp_jax.train``), ``bootstrap``, ``grpo`` (of ``fcp_jax.bootstrap``) or ``eval``
     (of ``fcp_jax.evaluate``) for one stage's config alone.
@@ -51,7 +52,7 @@ _online = common.online_stage
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, variant="small", runlocal=False, seed=0, ternary=True,
-                             stage="", dim=128, layers=4, subln=False)
+                             stage="", dim=128, layers=4, subln="auto")
   if arg.runlocal and arg.variant == "small":
     arg.variant = "tiny"
     arg.dim = arg.layers = 0  # The tiny variant's own size.
@@ -71,7 +72,7 @@ def get_config(arg=None):
     config.model.num_layers = arg.layers
   if arg.ternary:
     config.model.update(weight_quant="absmean", act_quant="absmax_int8")
-  if arg.subln:  # Only when set: configs without it keep their stage keys.
+  if common.subln(arg.subln, arg.ternary):  # A key only when on (float keys stay).
     config.model.subln = True
   config.parallel = common.parallel()
   # Prompts (``experiment.split_prompts``): train prompts feed the warm-up, the
@@ -205,10 +206,10 @@ ARMS = {
     "token_curve": {f"tokens_{t // 1000}k": [f"budget.train_tokens={t}"]
                     for t in (300_000, 1_200_000, 2_400_000)},
 }
-# Reported families of config args (keys the default config does not hold), on test;
-# each compares with ``get_sweep()``'s arm of the same seed.
+# Reported families of config args, on test; each compares with ``get_sweep()``'s
+# ternary arm of the same seed.
 ARG_ARMS = {
-    "subln": "subln=True",  # The from-scratch ternary model with SubLN.
+    "no_subln": "subln=False",  # The ternary model without SubLN.
 }
 
 

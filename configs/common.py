@@ -36,6 +36,15 @@ def optim(lr: Optional[float], *, schedule: str = "cosine(end_factor=0.1)",
   return c
 
 
+def subln(arg: str, ternary: bool) -> bool:
+  """The configs' ``subln`` arg: BitNet b1.58's SubLN (an RMSNorm at the input of
+  o_proj and down_proj). ``auto``: on for a ternary model trained from scratch, off for
+  a float one; ``True`` / ``False`` force it."""
+  if str(arg).strip().lower() == "auto":
+    return bool(ternary)
+  return config_lib.parse_bool(arg, "Config arg 'subln' (auto, True or False)")
+
+
 def bitnet_2b4t(weight_decay: float = 0.1, stage2_at: float = 0.5) -> Dict[str, Any]:
   """``optim``'s arguments for BitNet b1.58 2B4T's two-stage schedule.
 

@@ -3,13 +3,15 @@
     python -m fcp_jax.train --config configs/offline_fcp.py:runlocal --workdir DIR \\
         --config.data.data_dir=TFDS_DIR [--config.a.b=v]
 
-Args (``:variant=small,runlocal,objective=fcp``):
+Args (``:variant=small,runlocal,objective=fcp,ternary=False,subln=auto``):
   variant: model variant (``fcp_jax.models.transformer.VARIANTS``).
   runlocal: a few steps of a tiny batch, for CPU smoke runs and tests.
   objective: ``fcp`` (triples, condition from the record), ``rft`` (triples marked
     correct, no condition) or ``sft`` (question -> reference response pairs).
   ternary: train the linear layers quantization-aware at 1.58 bits (absmean weights,
     absmax int8 activations, λ warm-up over the first 10% of steps, two-stage LR/WD).
+  subln: BitNet b1.58's SubLN (``common.subln``: ``auto`` is on for ternary, off for
+    float).
 
 The data are TFDS datasets built by ``fcp_jax.data.tfds_builders.build`` into
 ``data.data_dir`` (``fcp_feedback_triples`` for fcp/rft, ``fcp_sft_pairs`` for sft), with
@@ -27,7 +29,7 @@ from . import common
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, variant="small", runlocal=False, objective="fcp",
-                             ternary=False)
+                             ternary=False, subln="auto")
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.objective = arg.objective          # fcp | rft | sft (train.OBJECTIVES)
@@ -65,6 +67,8 @@ def get_config(arg=None):
   config.parallel = common.parallel()
   config.plots = True
 
+  if common.subln(arg.subln, arg.ternary):
+    config.model.subln = True
   if arg.ternary:
     config.model.weight_quant = "absmean"
     config.model.act_quant = "absmax_int8"

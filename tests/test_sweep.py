@@ -110,9 +110,14 @@ def test_sweep_selects_on_validation_only_and_tuning_entries_apply():
       assert config.eval.splits == ("test",)
   with pytest.raises(ValueError, match="Unknown sweep family 'tune_gpro'"):
     module.get_sweep("tune_gpro")
-  # An arg arm adds its key; the default config does not hold it (its stage keys stay).
-  assert module.get_config("subln=True").model.subln is True
-  assert "subln" not in module.get_config().model
+  # SubLN: on for the ternary model (the default), off for the float one, forced by the
+  # arg; off adds no key (the stage keys of the runs from before it was the default).
+  assert module.get_config().model.subln is True
+  assert "subln" not in module.get_config("ternary=False").model
+  assert "subln" not in module.get_config("subln=False").model
+  assert module.get_config("ternary=False,subln=True").model.subln is True
+  with pytest.raises(ValueError, match="Config arg 'subln'"):
+    module.get_config("subln=maybe")
 
 
 SWEEP = ["seed=0,ternary=False", "seed=1,ternary=False", "seed=2,ternary=False",
