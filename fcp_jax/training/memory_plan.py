@@ -123,15 +123,16 @@ def plan_sampling(config: Mapping[str, Any], par: Any, *, prompts: int,
                   method: str = "greedy") -> List[Plan]:
   """The sampler's prefill and decode loop with the train state's parameter shardings.
 
-  The ``prompts`` rows [prompts, prompt_len] are split over ``data x fsdp`` as a batch
-  is; the KV cache follows them (sharding propagation).
+  The ``prompts`` rows [prompts, prompt_len] are split over ``data x fsdp`` as the
+  drivers' sampler splits them (``Sampler(parallel=par)``), with the loop state (KV
+  cache included) split the same way.
   """
   par = _mesh_par(par)
   tr = step_lib.build_training(config, par, total_steps=1)
-  sampler = sampler_lib.Sampler(tr.model, end_ids=(0,), pad_id=0)
+  sampler = sampler_lib.Sampler(tr.model, end_ids=(0,), pad_id=0, parallel=par)
   fns = sampler.jitted(method, new_tokens, num_samples)
   tokens = jax.ShapeDtypeStruct((prompts, prompt_len), jnp.int32,
-                                sharding=par.batch_sharding)  # [B, P]
+                                sharding=par.sample_sharding)  # [B, P]
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=par.replicated)
   with par.context():
     prefill = fns["prefill"].lower(tr.abstract_state.params, tokens, tokens,
