@@ -129,6 +129,12 @@ def _pad_rows(rows: np.ndarray, count: int) -> np.ndarray:
   return np.concatenate([rows, np.repeat(rows[:1], count - len(rows), axis=0)])
 
 
+def _row_shards(sharding: jax.sharding.Sharding) -> int:
+  """How many parts ``sharding`` splits axis 0 (the rows) of an array into."""
+  n = sharding.num_devices
+  return len({index[0].start for index in sharding.devices_indices_map((n, 1)).values()})
+
+
 @dataclasses.dataclass
 class SampleOutput:
   tokens: np.ndarray        # [B*n, N] int32
@@ -151,11 +157,8 @@ class Sampler:
                parallel: Any = None):
     self.model = model
     self.parallel = parallel
-    self.row_shards = 1  # Prompt rows are padded to a multiple of this.
-    if parallel is not None:
-      sh = parallel.sample_sharding  # Shards along axis 0 of a [rows, 1] array.
-      n = sh.num_devices
-      self.row_shards = len({idx[0].start for idx in sh.devices_indices_map((n, 1)).values()})
+    # Prompt rows are padded to a multiple of this: the parts axis 0 is split into.
+    self.row_shards = 1 if parallel is None else _row_shards(parallel.sample_sharding)
     self.cfg = model.cfg
     self.tokenizer = tokenizer
     if end_ids is None:
