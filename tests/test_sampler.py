@@ -77,10 +77,11 @@ def test_samples_for_a_fixed_seed_are_unchanged(setup):
   np.testing.assert_allclose(out.logprobs.sum(1), PINNED_LOGPROB_SUMS, atol=1e-4)
 
 
-@pytest.mark.parametrize("parallel", [dict(mode="mesh", mesh_shape=(-1, 1, 1)),
-                                      dict(mode="mesh", mesh_shape=(2, 2, 2)),
-                                      dict(mode="pmap")], ids=["data8", "d2f2t2", "pmap"])
-def test_rows_split_over_devices_sample_the_pinned_tokens(setup, parallel):
+@pytest.mark.parametrize("parallel,row_shards", [
+    (dict(mode="mesh", mesh_shape=(-1, 1, 1)), 8),
+    (dict(mode="mesh", mesh_shape=(2, 2, 2)), 4),  # data x fsdp rows; tensor-split heads
+    (dict(mode="pmap"), 8)], ids=["data8", "d2f2t2", "pmap"])
+def test_rows_split_over_devices_sample_the_pinned_tokens(setup, parallel, row_shards):
   """With ``parallel`` the rows (3 prompts, padded to the row shards) are decoded on
   their devices, params placed by the strategy (FSDP/tensor-sharded in d2f2t2), and the
   samples are the single-device ones."""
@@ -88,9 +89,7 @@ def test_rows_split_over_devices_sample_the_pinned_tokens(setup, parallel):
   par = sharding.build(parallel)
   placed = jax.device_put(params, par.shardings(state_lib.param_logical_specs(model)))
   sampler = sampler_lib.Sampler(model, tok, prompt_bucket=8, parallel=par)
-  assert sampler.row_shards == {"data8": 8, "d2f2t2": 4, "pmap": 8}[
-      "pmap" if parallel["mode"] == "pmap" else
-      ("data8" if parallel["mesh_shape"][0] == -1 else "d2f2t2")]
+  assert sampler.row_shards == row_shards
   out = _pinned_call(sampler, placed)
   np.testing.assert_array_equal(out.tokens, PINNED_TOKENS)
   np.testing.assert_array_equal(out.prompt_index, [0, 0, 1, 1, 2, 2])
