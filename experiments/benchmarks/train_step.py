@@ -13,8 +13,8 @@ XLA's ``cost_analysis`` of the compiled step, next to the ``6 * N * tokens`` est
 utilisation is the step's FLOP/s over the FLOP/s of a large jitted float32 matmul
 measured in the same process. MFU is the step's FLOP/s over the devices' nominal dense
 peak: ``--peak_tflops`` per device, else ``PEAK_TFLOPS`` by device kind (bf16 peaks of
-common accelerators; none for CPUs, whose row shows the matmul share only). The ternary mode uses ``weight_quant="absmean"``,
-``act_quant="absmax_int8"`` at λ = 1 (fake quantization: float matmuls plus the
+common accelerators; none for CPUs, whose row shows the matmul share only). The ternary
+mode uses ``weight_quant="absmean"``, ``act_quant="absmax_int8"`` at λ = 1 (fake quantization: float matmuls plus the
 quantizer work, so it is expected to be slower than float on CPU). It also prints
 XLA's scratch buffer per call and the host's minor page faults per step: with
 ``FCP_JAX_MALLOC=system`` (glibc's defaults, see ``fcp_jax/host.py``) a scratch buffer
