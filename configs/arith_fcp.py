@@ -142,6 +142,9 @@ def get_config(arg=None):
   # What a re-run does with a finished stage whose key changed: "recompute" it (and
   # everything downstream), or "refuse" with the list of changed keys.
   config.on_change = "recompute"
+  # Processes that share the stages after the collection (``fcp_jax.stage_workers``;
+  # 0: 2 on a CPU host, else 1).
+  config.stage_workers = 0
 
   if arg.runlocal:
     # Answer-only references and random warm-up conditions on, so tests cover them.
@@ -166,6 +169,7 @@ def get_config(arg=None):
     config.bootstrap.online.rounds = 2  # GRPO's rounds follow from the sample budget.
     config.eval.update(size=16, seeds=(0, 1), max_new_tokens=12, batch_size=16)
     config.budget.train_tokens = 8000
+    config.stage_workers = 1
 
   return config_lib.pipeline_stage(config, arg.stage)
 

@@ -218,8 +218,12 @@ def get_config(arg=None):
   # matches them).
   config.budget = ml_collections.ConfigDict(dict(train_tokens=0))
   config.on_change = "recompute"
+  # Processes that share the stages after the collection (``fcp_jax.stage_workers``;
+  # 0: 2 on a CPU host, else 1).
+  config.stage_workers = 0
 
   if arg.runlocal:
+    config.stage_workers = 1
     # A few steps of every stage on 2 CPU cores. The warm-up sees its 4 SFT prompts (5
     # minus the held-out one) 4 times at a constant LR: the collection's T=1 samples
     # are then partly right, partly wrong.

@@ -388,21 +388,30 @@ class _QuietLibraries(logging.Filter):
             or f"{os.sep}orbax{os.sep}" not in record.pathname)
 
 
-def driver_main(argv: Sequence[str], run: Callable[[Any, str], Any]) -> Any:
-  """The command line every driver shares: ``--config spec --workdir DIR [--config.k=v]``.
-
-  First applies the host malloc settings (``host.tune_malloc``: before any JAX
-  computation starts XLA's threads; ``FCP_JAX_MALLOC=system`` skips them) and turns on
+def init_process():
+  """What a driver's process does first: the host malloc settings (``host.tune_malloc``:
+  before any JAX computation starts XLA's threads; ``FCP_JAX_MALLOC=system`` skips them),
   the persistent compilation cache (``compile_cache.enable``; ``FCP_JAX_COMPILE_CACHE=off``
-  skips it). Then parses
-  and validates the flags, sets up absl logging (INFO), initialises ``jax.distributed``
-  when ``config.parallel`` (or the environment) asks for it, before any JAX call, then
-  calls ``run(config, workdir)`` and returns its result.
-  """
+  skips it), absl flags marked parsed (grain's worker processes read them) and absl
+  logging at INFO without the checkpointing library's chatter."""
   host.tune_malloc()
   compile_cache.enable()
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  flags.FLAGS.mark_as_parsed()
+  absl_logging.use_absl_handler()
+  absl_logging.set_verbosity(absl_logging.INFO)
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
+def driver_main(argv: Sequence[str], run: Callable[[Any, str], Any]) -> Any:
+  """The command line every driver shares: ``--config spec --workdir DIR [--config.k=v]``.
+
+  First ``init_process``, then parses and validates the flags, initialises
+  ``jax.distributed`` when ``config.parallel`` (or the environment) asks for it, before
+  any JAX call, then calls ``run(config, workdir)`` and returns its result.
+  """
+  init_process()
   from fcp_jax.training import sharding  # pylint: disable=g-import-not-at-top
   config, rest = config_from_argv(argv)
   workdir = rest.pop("workdir", "")
@@ -411,10 +420,6 @@ def driver_main(argv: Sequence[str], run: Callable[[Any, str], Any]) -> Any:
   if rest:
     raise ValueError(f"Unknown flags {sorted(rest)}; expected --config, --config.k=v "
                      "and --workdir.")
-  flags.FLAGS.mark_as_parsed()  # grain worker processes read absl flags.
-  absl_logging.use_absl_handler()
-  absl_logging.set_verbosity(absl_logging.INFO)
-  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   if "parallel" in config:  # Before any JAX call: jax.distributed when asked.
     sharding.initialize_distributed(config.parallel)
   return run(config, workdir)

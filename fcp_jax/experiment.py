@@ -44,7 +44,9 @@ reference rows (``collect.references``: FCP and RFT read them, so with GRPO it m
 Finally ``results.json``, ``results.md`` and ``plots/`` (accuracy per method, accuracy
 by condition, training curves) are written in the workdir, with the stage keys that
 produced them. Every stage asks the feedback env through one JSONL cache in the stage
-store (``feedback_cache.jsonl``), so no question is asked twice.
+store (``feedback_cache.jsonl``), so no question is asked twice. ``config.stage_workers``
+processes share the stages after the collection (``fcp_jax.stage_workers``): each stage
+still runs once, and the results are those of one process.
 """
 
 import copy
@@ -54,7 +56,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
@@ -66,6 +68,7 @@ from fcp_jax import distributed
 from fcp_jax import evaluation
 from fcp_jax import policy as policy_lib
 from fcp_jax import rollout as rollout_lib
+from fcp_jax import stage_workers as stage_workers_lib
 from fcp_jax import stages as stages_lib
 from fcp_jax.data import input_pipeline as pipeline_lib
 from fcp_jax.data import tasks as tasks_lib
@@ -283,10 +286,11 @@ class Experiment:
   """What the stages of one workdir share: config, stage store, policy, prompts."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
-               store: Optional[str] = None):
+               store: Optional[str] = None, worker: int = 0):
     self.config = config
     self.workdir = workdir
-    self.stages = stages_lib.Stages(workdir, store=store, on_change=config.on_change)
+    self.stages = stages_lib.Stages(workdir, store=store, on_change=config.on_change,
+                                    worker=worker)
     self.seed = int(config.seed)
     self.feedback_cache = os.path.join(self.stages.store, FEEDBACK_CACHE)
     self.policy: Optional[policy_lib.Policy] = None
@@ -323,7 +327,7 @@ class Experiment:
                                      self.feedback_cache)
 
   def run(self, name, fn, *, settings, inputs=()):
-    inputs = {k: self.stages.keys[k] for k in inputs}
+    inputs = {k: self.stages.key(k) for k in inputs}
     if "base" in self.stages.keys:
       inputs["base"] = self.stages.keys["base"]
     return self.stages.run(name, fn, settings=self._portable(settings), inputs=inputs)
@@ -659,8 +663,8 @@ TRAINING_STAGES = {"offline_fcp": offline_fcp, "fcp_bootstrap": fcp_bootstrap,
 EVAL_STAGES = {"test": "eval", "validation": "validation"}  # Split -> stage folder.
 
 
-def evaluate_methods(ex: Experiment, split: str) -> Dict[str, Any]:
-  """Stage 8: each method's greedy accuracy under each condition, on ``split``.
+def evaluate_method(ex: Experiment, split: str, method: str) -> Dict[str, Any]:
+  """Stage 8: ``method``'s greedy accuracy under each condition, on ``split``.
 
   ``test`` stages are ``eval/<method>``, ``validation`` ones ``validation/<method>``;
   tuning reads validation only, reported numbers come from test.
@@ -668,6 +672,9 @@ def evaluate_methods(ex: Experiment, split: str) -> Dict[str, Any]:
   if split not in EVAL_STAGES:
     raise ValueError(f"config.eval.splits: unknown split {split!r}; known: "
                      f"{sorted(EVAL_STAGES)}.")
+  if method not in METHOD_STAGES:
+    raise KeyError(f"config.methods: unknown method {method!r}; known: "
+                   f"{sorted(METHOD_STAGES)}.")
   config, cfg = ex.config, ex.stage("eval")
   ev = cfg.eval
   examples = ex.splits[split][:ev.size]
@@ -676,43 +683,55 @@ def evaluate_methods(ex: Experiment, split: str) -> Dict[str, Any]:
   if not examples:
     raise ValueError(f"config.eval.splits asks for {split!r}, which has no prompts "
                      "(data.validation_size=0?).")
-  collect_dir = ex.stages.path("collect")
-  pool = pool_lib.ConditionPool.load(os.path.join(collect_dir, "pool.json"))
-  negatives_path = os.path.join(collect_dir, "negatives.json")
-  negatives = None
-  if os.path.exists(negatives_path):
-    negatives = pool_lib.ConditionPool.load(negatives_path)
-  else:
-    logging.warning("%s is missing (no wrong sample scored <= %d): the 'negative' "
-                    "condition is the fixed text %r.", negatives_path,
-                    config.collect.negative_max_score,
-                    ev.negative or evaluation.NEGATIVE[config.kind])
-  no_answer = evaluation.config_no_answer(ev)
-  evaluations = {}
-  for method in config.methods:
-    if method not in METHOD_STAGES:
-      raise KeyError(f"config.methods: unknown method {method!r}; known: "
-                     f"{sorted(METHOD_STAGES)}.")
-    stage, native = METHOD_STAGES[method]
+  stage, native = METHOD_STAGES[method]
 
-    def fn(folder, stage=stage):
-      results = evaluation.evaluate_policy(
-          ex.policy.sampler, ex.policy.load(ex.stages.path(stage)),
-          examples, conditions=list(ev.conditions),
-          seeds=list(ev.seeds), pool=pool, negatives=negatives, no_answer=no_answer,
-          kind=ev.kind, texts=evaluation.config_texts(ev),
-          system=ex.system, instruction=ev.instruction, max_new_tokens=ev.max_new_tokens,
-          batch_size=ev.batch_size, qlambda=ex.policy.qlambda)
-      if distributed.is_primary():
-        evaluation.write_results(results, folder)
-      return results
+  def fn(folder):
+    collect_dir = ex.stages.path("collect")
+    pool = pool_lib.ConditionPool.load(os.path.join(collect_dir, "pool.json"))
+    negatives_path = os.path.join(collect_dir, "negatives.json")
+    negatives = None
+    if os.path.exists(negatives_path):
+      negatives = pool_lib.ConditionPool.load(negatives_path)
+    else:
+      logging.warning("%s is missing (no wrong sample scored <= %d): the 'negative' "
+                      "condition is the fixed text %r.", negatives_path,
+                      config.collect.negative_max_score,
+                      ev.negative or evaluation.NEGATIVE[config.kind])
+    results = evaluation.evaluate_policy(
+        ex.policy.sampler, ex.policy.load(ex.stages.path(stage)),
+        examples, conditions=list(ev.conditions),
+        seeds=list(ev.seeds), pool=pool, negatives=negatives,
+        no_answer=evaluation.config_no_answer(ev), kind=ev.kind,
+        texts=evaluation.config_texts(ev), system=ex.system, instruction=ev.instruction,
+        max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+        qlambda=ex.policy.qlambda)
+    if distributed.is_primary():
+      evaluation.write_results(results, folder)
+    return results
 
-    record = ex.run(f"{EVAL_STAGES[split]}/{method}", fn,
-                    settings=dict(stage=settings, split=split),
-                    inputs=("data", "collect", stage))
-    evaluations[method] = {k: v for k, v in record.items() if k not in ("seconds", "key")}
-    evaluations[method]["native"] = native
-  return evaluations
+  record = ex.run(f"{EVAL_STAGES[split]}/{method}", fn,
+                  settings=dict(stage=settings, split=split),
+                  inputs=("data", "collect", stage))
+  return dict({k: v for k, v in record.items() if k not in stages_lib.RUN_FIELDS},
+              native=native)
+
+
+def evaluate_methods(ex: Experiment, split: str) -> Dict[str, Any]:
+  """Every method of ``config.methods`` evaluated on ``split`` (``evaluate_method``)."""
+  return {method: evaluate_method(ex, split, method) for method in ex.config.methods}
+
+
+def later_stages(ex: Experiment) -> Tuple[List[Tuple[str, Callable[[], Any]]],
+                                          List[Tuple[str, Callable[[], Any]]]]:
+  """``(name, run)`` of the stages after the collection, in the one-process order: the
+  training stages ``config.methods`` need, and each split's evaluations."""
+  config = ex.config
+  training = [(name, functools.partial(TRAINING_STAGES[name], ex))
+              for name in needed_stages(config)]
+  evaluations = [(f"{EVAL_STAGES.get(split, split)}/{method}",
+                  functools.partial(evaluate_method, ex, split, method))
+                 for split in config.eval.splits for method in config.methods]
+  return training, evaluations
 
 
 def needed_stages(config: ml_collections.ConfigDict) -> List[str]:
@@ -754,24 +773,38 @@ def check_budget(config: ml_collections.ConfigDict):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
-        store: Optional[str] = None) -> Dict[str, Any]:
+        store: Optional[str] = None, worker: int = 0) -> Dict[str, Any]:
   """Runs (or resumes) every stage in ``workdir``; returns the results dict.
 
   ``store``: where stage folders live (default ``<workdir>/stages``); workdirs that
-  share one reuse each other's stages of equal keys.
+  share one reuse each other's stages of equal keys. ``config.stage_workers``
+  processes share the stages after the collection (``fcp_jax.stage_workers``); the main
+  one (``worker=0``) starts the others and alone writes the results (a helper returns
+  ``{}``).
   """
   t_start = time.perf_counter()
-  stages = needed_stages(config)
+  needed_stages(config)
   check_budget(config)
-  ex = Experiment(config, workdir, store=store)
-  pretrained_base(ex)
-  prompts(ex)
-  warmup(ex)
-  collect(ex)
-  for name in stages:
-    TRAINING_STAGES[name](ex)
+  workers = stage_workers_lib.resolve(config.stage_workers)
+  ex = Experiment(config, workdir, store=store, worker=worker)
+  helpers = [] if worker else stage_workers_lib.start(config, workdir, store, workers - 1)
+  try:
+    pretrained_base(ex)
+    prompts(ex)
+    warmup(ex)
+    collect(ex)
+    training, evaluations = later_stages(ex)
+    stage_workers_lib.run_steps(
+        ex.stages, stage_workers_lib.order(training, evaluations, worker))
+  except BaseException:
+    stage_workers_lib.finish(helpers, abort=True)
+    raise
+  if worker:
+    return {}
+  exit_codes = stage_workers_lib.finish(helpers)
   by_split = {split: evaluate_methods(ex, split) for split in config.eval.splits}
-  return write_results(ex, by_split, time.perf_counter() - t_start)
+  return write_results(ex, by_split, time.perf_counter() - t_start,
+                       stage_workers=dict(count=workers, exit_codes=exit_codes))
 
 
 def method_budgets(ex: Experiment) -> Dict[str, Any]:
@@ -815,7 +848,7 @@ def budget_checks(train_tokens: float, budgets: Mapping[str, Any]) -> Dict[str, 
 
 
 def write_results(ex: Experiment, by_split: Mapping[str, Mapping[str, Any]],
-                  seconds: float) -> Dict[str, Any]:
+                  seconds: float, stage_workers: Mapping[str, Any]) -> Dict[str, Any]:
   """``results.json``, ``results.md`` and ``plots/`` of the workdir.
 
   ``eval`` holds the test split's table when it was evaluated, else the first split's;
@@ -838,7 +871,7 @@ def write_results(ex: Experiment, by_split: Mapping[str, Mapping[str, Any]],
       eval=evaluations, by_split=dict(by_split),
       checks={**effect_checks(evaluations), **budget_checks(train_tokens, budgets)},
       stage_seconds={k: v.get("seconds") for k, v in records.items()},
-      total_seconds_this_call=seconds)
+      total_seconds_this_call=seconds, stage_workers=dict(stage_workers))
   if distributed.is_primary():
     config_lib.write_config(ex.config, workdir)  # The config these results are of.
     stages_lib.write_json(os.path.join(workdir, "results.json"), results)

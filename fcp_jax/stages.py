@@ -39,6 +39,9 @@ from fcp_jax import distributed
 DONE = "stage_done.json"
 SPEC = "stage.json"
 ON_CHANGE = ("recompute", "refuse")
+# What ``Stages.run`` adds to every record: the stage's key, its seconds and the stage
+# worker (process) that ran it.
+RUN_FIELDS = ("key", "seconds", "worker")
 # Settings, at any depth, that change how a stage reports, saves or is launched, not
 # what it computes (the parallel section's process layout included).
 NON_SEMANTIC = ("log_every", "plots", "checkpoint", "distributed", "coordinator_address",
@@ -47,6 +50,14 @@ NON_SEMANTIC = ("log_every", "plots", "checkpoint", "distributed", "coordinator_
 
 class StaleStageError(RuntimeError):
   """A finished stage's key changed and ``on_change="refuse"`` was asked for."""
+
+
+class StageBusy(RuntimeError):
+  """Another process holds the stage's lock (it is running it) and ``wait=False``."""
+
+
+class StageNotReady(KeyError):
+  """A stage was asked for an upstream stage this ``Stages`` has not run or loaded."""
 
 
 def jsonable(x: Any) -> Any:
@@ -118,22 +129,34 @@ class Stages:
     workdir: the experiment's folder; ``<workdir>/<name>`` links to each stage.
     store: where stage folders live (default ``<workdir>/stages``); sweeps share one.
     on_change: ``"recompute"`` or ``"refuse"`` (``StaleStageError``).
+    worker: which of the experiment's stage workers this process is (0: the main one);
+      recorded in each stage it runs.
   """
 
   def __init__(self, workdir: str, *, store: Optional[str] = None,
-               on_change: str = "recompute"):
+               on_change: str = "recompute", worker: int = 0):
     if on_change not in ON_CHANGE:
       raise ValueError(f"on_change={on_change!r}; expected one of {ON_CHANGE}.")
     self.workdir = os.path.abspath(workdir)
     self.store = os.path.abspath(store or os.path.join(workdir, "stages"))
     self.on_change = on_change
+    self.worker = worker
+    self.wait = True  # False: a stage another process is running raises StageBusy.
     self.records: Dict[str, Dict[str, Any]] = {}
     self.keys: Dict[str, str] = {}
     self.folders: Dict[str, str] = {}
 
   def path(self, name: str) -> str:
     """The folder of stage ``name`` (known once it ran or was found done)."""
+    if name not in self.folders:
+      raise StageNotReady(name)
     return self.folders[name]
+
+  def key(self, name: str) -> str:
+    """The key of stage ``name`` (known once it ran or was found done)."""
+    if name not in self.keys:
+      raise StageNotReady(name)
+    return self.keys[name]
 
   def run(self, name: str, fn: Callable[[str], Mapping[str, Any]], *,
           settings: Mapping[str, Any], inputs: Mapping[str, str] = ()) -> Dict[str, Any]:
@@ -152,7 +175,8 @@ class Stages:
     primary = distributed.is_primary()
     if primary:
       os.makedirs(folder, exist_ok=True)
-    with _locked(os.path.join(folder, ".lock")) if primary else contextlib.nullcontext():
+    lock = _locked(os.path.join(folder, ".lock"), name, wait=self.wait)
+    with lock if primary else contextlib.nullcontext():
       done = os.path.join(folder, DONE)
       if distributed.broadcast_json(os.path.exists(done)):  # Process 0 decides.
         with open(done) as f:
@@ -164,7 +188,8 @@ class Stages:
           write_json(os.path.join(folder, SPEC), dict(
               stage=name, key=key, settings=_semantic(settings), inputs=inputs))
         t0 = time.perf_counter()
-        record = dict(jsonable(fn(folder)), key=key, seconds=time.perf_counter() - t0)
+        record = dict(jsonable(fn(folder)), key=key, seconds=time.perf_counter() - t0,
+                      worker=self.worker)
         if primary:
           write_json(done, record)
     if primary:
@@ -202,9 +227,12 @@ class Stages:
 
 
 @contextlib.contextmanager
-def _locked(path: str):
+def _locked(path: str, name: str, *, wait: bool):
   with open(path, "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+      raise StageBusy(f"Stage {name} is running in another process ({path}).") from e
     try:
       yield
     finally:
