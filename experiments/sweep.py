@@ -23,6 +23,8 @@ Running:
   (``sweep.py --arm LABEL``) logging to ``WORKDIR/logs/<arm>.log``; JAX's GPU memory
   preallocation is off in them unless ``XLA_PYTHON_CLIENT_PREALLOCATE`` is set (a TPU
   host serves one process: launch its arms with ``--print_commands``);
+* each arm's experiment shares its later stages among ``config.stage_workers``
+  processes of its own (``fcp_jax.stage_workers``; 2 on a CPU host by default);
 * ``--arm LABEL`` runs that one arm (into the same workdir and store) and merges
   nothing; ``--print_commands`` prints the ``--arm`` command of every arm, then the
   ``--merge_only`` command that merges their results, and runs nothing;
