@@ -795,7 +795,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     collect(ex)
     training, evaluations = later_stages(ex)
     stage_workers_lib.run_steps(
-        ex.stages, stage_workers_lib.order(training, evaluations, worker))
+        ex.stages, stage_workers_lib.order(training, evaluations, worker), workers)
   except BaseException:
     stage_workers_lib.finish(helpers, abort=True)
     raise

@@ -62,13 +62,20 @@ def order(training: Sequence[Step], evaluations: Sequence[Step], worker: int
   return [*reversed(training), *reversed(evaluations)]
 
 
-def run_steps(stages: stages_lib.Stages, steps: Sequence[Step]):
-  """Runs (or loads) every step, skipping the busy and the not-ready ones for now.
+def run_steps(stages: stages_lib.Stages, steps: Sequence[Step], workers: int):
+  """Runs (or loads) every step; with ``workers > 1`` skipping the busy and the not-ready
+  ones for now.
 
-  After each step that ran or loaded it starts again from the first pending step; with
-  nothing runnable it waits ``POLL_S``. Raises if every pending step waits for an
-  upstream stage that no pending step provides.
+  Alone (``workers=1``, every multi-process run) the steps run in order, waiting on
+  locks: every process of a run takes part in each stage. Shared, after each step
+  that ran or loaded it starts again from the first pending step; with nothing
+  runnable it waits ``POLL_S``. Raises if every pending step waits for an upstream
+  stage that no pending step provides.
   """
+  if workers == 1:
+    for _, step in steps:
+      step()
+    return
   pending, told = list(steps), set()
   stages.wait = False
   try:

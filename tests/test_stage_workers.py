@@ -42,7 +42,7 @@ def test_two_workers_run_each_stage_once_the_first_they_reach(tmp_path):
   def work(stages):
     steps = _steps(stages, calls, seconds=0.5)
     start.wait()
-    stage_workers.run_steps(stages, stage_workers.order(steps, [], stages.worker))
+    stage_workers.run_steps(stages, stage_workers.order(steps, [], stages.worker), 2)
 
   threads = [threading.Thread(target=work, args=(s,)) for s in workers]
   for t in threads:
@@ -91,8 +91,10 @@ def test_steps_waiting_for_a_stage_none_will_run_raise(tmp_path):
   steps = [("b", lambda: stages.run("b", lambda f: {}, settings={},
                                      inputs={"a": stages.key("a")}))]
   with pytest.raises(RuntimeError, match="b for a"):
-    stage_workers.run_steps(stages, steps)
+    stage_workers.run_steps(stages, steps, 2)
   assert stages.wait
+  with pytest.raises(stages_lib.StageNotReady):  # Alone: in order, nothing to wait for.
+    stage_workers.run_steps(stages, steps, 1)
 
 
 def test_resolve_counts_and_refusals(monkeypatch):
