@@ -871,6 +871,7 @@ def write_results(ex: Experiment, by_split: Mapping[str, Mapping[str, Any]],
       eval=evaluations, by_split=dict(by_split),
       checks={**effect_checks(evaluations), **budget_checks(train_tokens, budgets)},
       stage_seconds={k: v.get("seconds") for k, v in records.items()},
+      stage_code={k: v.get("code") for k, v in records.items()},
       total_seconds_this_call=seconds, stage_workers=dict(stage_workers))
   if distributed.is_primary():
     config_lib.write_config(ex.config, workdir)  # The config these results are of.
@@ -905,12 +906,25 @@ def effect_checks(evaluations: Mapping[str, Any]) -> Dict[str, Any]:
   return out
 
 
+def _code_line(stage_code: Mapping[str, Optional[str]]) -> str:
+  """Which code (``stages.code_version``) computed the stages: one digest, or each."""
+  by_code: Dict[str, List[str]] = {}
+  for stage, code in stage_code.items():
+    by_code.setdefault(code or "unrecorded", []).append(stage)
+  if len(by_code) == 1:
+    return f"Code (digest of fcp_jax's sources) of every stage: `{next(iter(by_code))}`."
+  return ("**The stages come from different code** (digests of fcp_jax's sources): "
+          + "; ".join(f"`{code}`: {', '.join(names)}" for code, names in by_code.items())
+          + ".")
+
+
 def results_markdown(results: Mapping[str, Any], conditions: Sequence[str]) -> str:
   ev = results["eval"]
   lines = [f"# FCP results ({results['task']}, seed {results['seed']}, "
            f"{results['split']} split)", "",
            f"Config: `{results['workdir']}/config.json`; stage keys: "
            + ", ".join(f"{k} `{v}`" for k, v in results["stage_keys"].items()), "",
+           _code_line(results.get("stage_code", {})), "",
            f"Greedy accuracy (%) on the {results['split']} split (prompts: "
            + ", ".join(f"{k} {v}" for k, v in results["split_sizes"].items())
            + "; `eval.size` caps those evaluated) ± binomial standard error; "

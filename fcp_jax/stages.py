@@ -13,10 +13,17 @@ config resolves to. So:
   stages upstream of the change are reused;
 * stages of equal keys are shared: workdirs that point at one store (a sweep's arms)
   reuse each other's warm-up and collection. A lock file serialises two processes that
-  reach the same stage at once.
+  reach the same stage at once; with ``wait=False`` the second raises ``StageBusy``
+  instead of waiting (``fcp_jax.stage_workers`` then runs another stage first).
 
 ``on_change="refuse"`` raises ``StaleStageError`` instead of recomputing, listing the
 settings and inputs that changed since the workdir's link was made.
+
+Keys leave the code out (a changed docstring would recompute every stage), so each
+record names the code that computed it: ``code``, a digest of the package's Python
+sources (``code_version``). Loading a stage computed by other code logs a warning
+naming both digests; ``results.json`` lists every stage's ``code``. Delete the stage's
+folder (or use a new store) to recompute it with the current code.
 
 On several processes every process runs each stage's function (its computations are
 collective) and process 0 alone writes the stage's records and links, between barriers;
@@ -25,6 +32,7 @@ the store must be on a file system that every process sees.
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -39,9 +47,9 @@ from fcp_jax import distributed
 DONE = "stage_done.json"
 SPEC = "stage.json"
 ON_CHANGE = ("recompute", "refuse")
-# What ``Stages.run`` adds to every record: the stage's key, its seconds and the stage
-# worker (process) that ran it.
-RUN_FIELDS = ("key", "seconds", "worker")
+# What ``Stages.run`` adds to every record: the stage's key, its seconds, the stage
+# worker (process) that ran it and the code that computed it.
+RUN_FIELDS = ("key", "seconds", "worker", "code")
 # Settings, at any depth, that change how a stage reports, saves or is launched, not
 # what it computes (the parallel section's process layout included).
 NON_SEMANTIC = ("log_every", "plots", "checkpoint", "distributed", "coordinator_address",
@@ -91,6 +99,22 @@ def file_digest(*paths: str) -> str:
       for block in iter(lambda: f.read(1 << 20), b""):
         h.update(block)
   return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def code_version() -> str:
+  """The first 12 hex digits of the sha256 of the package's Python sources (paths and
+  bytes, in path order): which code computed a stage."""
+  root = os.path.dirname(os.path.abspath(__file__))
+  h = hashlib.sha256()
+  for folder, subfolders, files in os.walk(root):
+    subfolders.sort()
+    for name in sorted(f for f in files if f.endswith(".py")):
+      path = os.path.join(folder, name)
+      h.update(os.path.relpath(path, root).encode("utf-8") + b"\0")
+      with open(path, "rb") as f:
+        h.update(f.read())
+  return h.hexdigest()[:12]
 
 
 def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
@@ -182,6 +206,11 @@ class Stages:
         with open(done) as f:
           record = json.load(f)
         logging.info("Stage %s (%s): complete, skipped.", name, key)
+        if record.get("code") != code_version():
+          logging.warning(
+              "Stage %s (%s) was computed by other code (%s; this is %s): its outputs are "
+              "reused as they are; delete %s to recompute it.", name, key,
+              record.get("code", "unrecorded"), code_version(), folder)
       else:
         logging.info("Stage %s (%s): running in %s.", name, key, folder)
         if primary:
@@ -189,7 +218,7 @@ class Stages:
               stage=name, key=key, settings=_semantic(settings), inputs=inputs))
         t0 = time.perf_counter()
         record = dict(jsonable(fn(folder)), key=key, seconds=time.perf_counter() - t0,
-                      worker=self.worker)
+                      worker=self.worker, code=code_version())
         if primary:
           write_json(done, record)
     if primary:
