@@ -21,9 +21,11 @@ else 1; accelerators and multi-process runs take 1 (a second process would conte
 the accelerator's memory), and asking them for more is an error naming the setting.
 """
 
+import ctypes
 import logging as std_logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -147,8 +149,20 @@ class _Prefix(std_logging.Filter):
     return True
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def child_main():
-  """A helper's entry point: ``(config, workdir, store, worker)`` pickled on stdin."""
+  """A helper's entry point: ``(config, workdir, store, worker)`` pickled on stdin.
+
+  On Linux it gets SIGTERM when the main process dies (``PR_SET_PDEATHSIG``), so a
+  killed run leaves no helper behind (its stage resumes from checkpoints on a re-run).
+  """
+  parent = os.getppid()
+  if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # The main process died before prctl took effect.
+      sys.exit(1)
   config, workdir, store, worker = pickle.load(sys.stdin.buffer)
   from fcp_jax import config_lib  # pylint: disable=g-import-not-at-top
   from fcp_jax import experiment  # pylint: disable=g-import-not-at-top
