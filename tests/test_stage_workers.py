@@ -40,7 +40,7 @@ def test_two_workers_run_each_stage_once_the_first_they_reach(tmp_path):
   start = threading.Barrier(2)
 
   def work(stages):
-    steps = _steps(stages, calls, seconds=0.5)
+    steps = _steps(stages, calls, seconds=1.0)
     start.wait()
     stage_workers.run_steps(stages, stage_workers.order(steps, [], stages.worker), 2)
 
