@@ -56,7 +56,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
@@ -721,8 +721,8 @@ def evaluate_methods(ex: Experiment, split: str) -> Dict[str, Any]:
   return {method: evaluate_method(ex, split, method) for method in ex.config.methods}
 
 
-def later_stages(ex: Experiment) -> Tuple[List[Tuple[str, Callable[[], Any]]],
-                                          List[Tuple[str, Callable[[], Any]]]]:
+def later_stages(ex: Experiment) -> Tuple[List[stage_workers_lib.Step],
+                                          List[stage_workers_lib.Step]]:
   """``(name, run)`` of the stages after the collection, in the one-process order: the
   training stages ``config.methods`` need, and each split's evaluations."""
   config = ex.config
@@ -783,7 +783,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   ``{}``).
   """
   t_start = time.perf_counter()
-  needed_stages(config)
+  needed_stages(config)  # Bad methods or references fail before anything runs.
   check_budget(config)
   workers = stage_workers_lib.resolve(config.stage_workers)
   ex = Experiment(config, workdir, store=store, worker=worker)
