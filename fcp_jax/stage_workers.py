@@ -15,8 +15,8 @@ results.
 
 Each process has the host's devices to itself and shares its cores: on a CPU host the
 stages' small matmuls and decoding loops leave cores idle that another stage fills (2
-workers on 2 cores: 1.3x the train steps and 1.5-1.7x the sampling of one process,
-docs/findings.md §9). ``stage_workers=0`` picks 2 on a CPU host with two or more cores,
+workers on 2 cores: 1.1-1.4x the train steps and 1.2-1.5x the sampling of one process,
+``experiments/benchmarks/stage_workers.py``, docs/findings.md §9). ``stage_workers=0`` picks 2 on a CPU host with two or more cores,
 else 1; accelerators and multi-process runs take 1 (a second process would contend for
 the accelerator's memory), and asking them for more is an error naming the setting.
 """
