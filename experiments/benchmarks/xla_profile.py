@@ -9,7 +9,7 @@ The defaults are the demo's model (``configs/arith_fcp.py``: d128, 4 layers, 2/1
 SwiGLU 384, ternary with SubLN) and its warm-up batch (12 x 128). Two workloads:
 
 * **train**: ``--steps`` calls of the real train step (``train_step.build_step``);
-* **decode**: one ``Sampler`` decoding call of ``--new`` steps at T=1 for
+* **decode**: ``Sampler`` decoding calls of ``--new`` steps at T=1 for
   ``--sample_batch`` prompts of ``--prompt`` tokens (``--sample_batch 0`` skips it).
 
 Each runs under ``jax.profiler.trace``; the trace's thunk events (one per top-level HLO
@@ -151,17 +151,18 @@ def main():
         1, args.vocab, (args.sample_batch, args.prompt)).tolist()
     fns = sampler.jitted("temperature(t=1.0)", args.new, 1)
     tokens, segments = sampler.left_pad(prompts)
-    first = fns["prefill"](params, tokens, segments, None)
-    jax.block_until_ready(fns["decode"](params, first, jax.random.PRNGKey(0), None))
+    # Each call decodes a fresh prefill's state (decode donates its input).
+    states = iter([fns["prefill"](params, tokens, segments, None)
+                   for _ in range(UNTRACED_CALLS + 2)])
+    first = next(states)
     hlo = fns["decode"].lower(params, first, jax.random.PRNGKey(0), None).compile(
         ).as_text()
-    states = iter([fns["prefill"](params, tokens, segments, None) for _ in range(UNTRACED_CALLS + 1)])
 
-    def decode():
-      jax.block_until_ready(fns["decode"](params, next(states), jax.random.PRNGKey(1),
-                                          None))
+    def decode(state=None):
+      jax.block_until_ready(fns["decode"](params, next(states) if state is None else state,
+                                          jax.random.PRNGKey(1), None))
 
-    # Each call decodes a fresh prefill's state (decode donates its input).
+    decode(first)  # Compiles and warms up.
     report(f"decoding B{args.sample_batch}, {args.prompt}+{args.new} slots", hlo, decode,
            args.new, "decoding step", args.top)
 
