@@ -34,7 +34,6 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 from typing import Callable, Dict, Tuple
@@ -46,6 +45,7 @@ from fcp_jax import host
 from fcp_jax.models import transformer
 from fcp_jax.sampling import sampler as sampler_lib
 # This folder's (run as a script, so the folder is on sys.path).
+import peer  # pylint: disable=g-bad-import-order
 from train_step import MODES, build_step  # pylint: disable=g-bad-import-order
 
 MODE_OVERRIDES = {**MODES, "ternary+subln": dict(MODES["ternary"], subln=True)}
@@ -121,12 +121,7 @@ def main():
     parser.add_argument(f"--{name}", type=int, default=default)
   parser.add_argument("--mode", default="ternary+subln", choices=sorted(MODE_OVERRIDES))
   args = parser.parse_args()
-  if args.dim % args.heads:
-    sys.exit(f"--dim {args.dim} is not a multiple of --heads {args.heads}.")
-  model_config = dict(variant="small", embed_dim=args.dim, num_layers=args.layers,
-                      num_heads=args.heads, num_kv_heads=args.kv_heads,
-                      head_dim=args.dim // args.heads, mlp_dim=args.mlp,
-                      vocab_size=args.vocab, **MODE_OVERRIDES[args.mode])
+  model_config = dict(peer.model_config(args), **MODE_OVERRIDES[args.mode])
   print(f"jax {jax.__version__}, {jax.device_count()} x {jax.devices()[0].platform}; "
         f"{model_config}")
 
